@@ -1,0 +1,357 @@
+"""A functional KV cache for a whole model: per layer K and V in any cache format.
+
+Physical layout, chosen for the attention kernels: each layer holds K and V as
+`QuantizedTensor`s with head-major storage,
+
+  data    [B, Hkv, capacity, D // elements_per_datum]   (uint8 packed E2M1 for FP4)
+  scales  [B, Hkv, capacity, D // block_size]           (FP4 formats only)
+  global_scale []  float32                              (fp8, nvfp4)
+
+so one (sequence, kv-head) pair streams contiguous rows of packed bytes and scales
+over positions. `capacity` is `max_len`, or the sliding window for sliding layers of a
+cache built with `trim_sliding_layers=True`; those layers are ring buffers in which
+position p lives in slot p % window.
+
+Writes are pure (`.at[].set` with out-of-range rows dropped), so a cache passed to a
+jitted step with `donate_argnums` is updated in place. A model writes each layer with
+`write_layer` and then moves the lengths on once with `advance`; `update` does both.
+
+Overfull caches are refused: a chunk longer than the capacity fails at trace time;
+when only the runtime lengths overflow, the rows past `max_len` are dropped, the
+sticky flag `overflowed` is set, and `check_cache` (or eager use) raises. Non-finite
+K/V set the sticky flag `nonfinite`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from fp4kv_jax.formats import QuantizedTensor, get_codec, quantize
+from fp4kv_jax.models.configs import ModelConfig, get_config
+
+
+class CacheOverflowError(ValueError):
+    """A write would go past the cache's max_len."""
+
+
+class NonFiniteKVError(ValueError):
+    """NaN or infinite keys or values were written to the cache."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """K and V of one layer, each logically [B, Hkv, capacity, D].
+
+    Attributes:
+      k, v: the stored keys and values.
+      window: the layer's attention window in positions, or None for full attention.
+      ring: whether capacity == window and position p is stored in slot p % window.
+    """
+
+    k: QuantizedTensor
+    v: QuantizedTensor
+    window: int | None = dataclasses.field(metadata=dict(static=True))
+    ring: bool = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def capacity(self) -> int:
+        return self.k.data.shape[2]
+
+    @property
+    def fmt(self) -> str:
+        return self.k.fmt
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """The cache of a whole model.
+
+    Attributes:
+      layers: one LayerCache per layer.
+      lengths: int32 [B], tokens held per sequence.
+      overflowed: bool [], set once any write went past max_len.
+      nonfinite: bool [], set once any written key or value was NaN or infinite.
+      max_len: positions each sequence can hold (static).
+    """
+
+    layers: tuple[LayerCache, ...]
+    lengths: jax.Array
+    overflowed: jax.Array
+    nonfinite: jax.Array
+    max_len: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return tuple(layer.fmt for layer in self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(self))
+
+
+def _layer_formats(cache_dtype: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
+    if isinstance(cache_dtype, str):
+        formats = (cache_dtype,) * num_layers
+    else:
+        formats = tuple(cache_dtype)
+        if len(formats) != num_layers:
+            raise ValueError(
+                f"cache_dtype: a per-layer list needs {num_layers} entries, got {len(formats)}."
+            )
+    for fmt in formats:
+        get_codec(fmt, arg="cache_dtype")
+    return formats
+
+
+def empty_tensor(fmt: str, shape: tuple[int, ...]) -> QuantizedTensor:
+    """A zero-filled tensor of logical `shape` [..., D] in format `fmt`."""
+    codec = get_codec(fmt)
+    *lead, d = shape
+    data = jnp.zeros((*lead, d // codec.elements_per_datum), codec.data_dtype)
+    scales = None
+    if codec.block_size is not None:
+        scales = jnp.zeros((*lead, d // codec.block_size), codec.scale_dtype)
+    return QuantizedTensor(data, scales, codec.initial_global_scale(), fmt)
+
+
+def init_cache(
+    config: ModelConfig | str,
+    batch_size: int,
+    max_len: int,
+    cache_dtype: str | Sequence[str] = "bf16",
+    *,
+    trim_sliding_layers: bool = False,
+) -> KVCache:
+    """An empty cache for `config` (a ModelConfig, built-in id or HF directory).
+
+    Args:
+      batch_size: sequences held.
+      max_len: positions per sequence.
+      cache_dtype: one format name for every layer, or one per layer.
+      trim_sliding_layers: sliding-window layers keep only their last `sliding_window`
+        positions, in a ring buffer.
+    """
+    config = get_config(config)
+    for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}.")
+    formats = _layer_formats(cache_dtype, config.num_layers)
+    layers = []
+    for layer, fmt in enumerate(formats):
+        get_codec(fmt).check_last_dim(config.head_dim, arg="head_dim")
+        window = config.layer_window(layer)
+        ring = trim_sliding_layers and window is not None and window < max_len
+        capacity = window if ring else max_len
+        shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
+        layers.append(LayerCache(empty_tensor(fmt, shape), empty_tensor(fmt, shape), window, ring))
+    return KVCache(
+        layers=tuple(layers),
+        lengths=jnp.zeros((batch_size,), jnp.int32),
+        overflowed=jnp.zeros((), bool),
+        nonfinite=jnp.zeros((), bool),
+        max_len=max_len,
+    )
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _token_counts(cache: KVCache, num_tokens, chunk: int) -> jax.Array:
+    if num_tokens is None:
+        return jnp.full((cache.batch_size,), chunk, jnp.int32)
+    counts = jnp.broadcast_to(jnp.asarray(num_tokens, jnp.int32), (cache.batch_size,))
+    if _is_concrete(counts) and bool(jnp.any((counts < 0) | (counts > chunk))):
+        raise ValueError(f"num_tokens: each entry must lie in [0, {chunk}], got {counts}.")
+    return counts
+
+
+def _overflow_message(cache: KVCache, counts) -> str:
+    return (
+        f"cache overflow: writing {counts} tokens at lengths {cache.lengths} would pass "
+        f"max_len={cache.max_len}. Build the cache with a larger max_len."
+    )
+
+
+def _write_tensor(
+    stored: QuantizedTensor, new: jax.Array, slots: jax.Array
+) -> QuantizedTensor:
+    """Quantizes new [B, T, Hkv, D] and writes token t of sequence b to slot slots[b, t]
+    of stored [B, Hkv, S, ...]; a slot of S or more drops that token."""
+    q = quantize(new, stored.fmt, global_scale=stored.global_scale)
+    rows = jnp.arange(new.shape[0])[:, None]
+
+    def put(buffer, values):
+        # Advanced indices around a slice put [B, T] first: values are [B, T, Hkv, ...].
+        return buffer.at[rows, :, slots].set(values, mode="drop")
+
+    scales = None if stored.scales is None else put(stored.scales, q.scales)
+    return dataclasses.replace(stored, data=put(stored.data, q.data), scales=scales)
+
+
+def write_layer(
+    cache: KVCache,
+    layer: int,
+    k: jax.Array,
+    v: jax.Array,
+    num_tokens: jax.Array | int | None = None,
+) -> KVCache:
+    """Writes a chunk of keys and values for one layer at each sequence's length.
+
+    Does not move the lengths on; call `advance` once after every layer is written.
+
+    Args:
+      layer: the layer index.
+      k, v: float [B, T, Hkv, D], token-major as attention computes them.
+      num_tokens: int or int32 [B], the leading tokens of the chunk that are real for
+        each sequence (a ragged prefill); the rest are not written. Default: all T.
+    """
+    lc = cache.layers[layer]
+    expected = (cache.batch_size, None, lc.k.shape[1], lc.k.shape[3])
+    for name, x in (("k", k), ("v", v)):
+        if x.ndim != 4 or any(e is not None and e != s for e, s in zip(expected, x.shape)):
+            raise ValueError(
+                f"{name}: expected shape [batch={expected[0]}, T, kv_heads={expected[2]}, "
+                f"head_dim={expected[3]}], got {tuple(x.shape)}."
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name}: expected a floating-point dtype, got {x.dtype}.")
+    if k.shape != v.shape:
+        raise ValueError(f"k, v: shapes differ, {k.shape} and {v.shape}.")
+    chunk = k.shape[1]
+    if not lc.ring and chunk > lc.capacity:
+        raise CacheOverflowError(
+            f"k: a chunk of {chunk} tokens cannot fit a cache of max_len={cache.max_len}."
+        )
+    counts = _token_counts(cache, num_tokens, chunk)
+    if _is_concrete(cache.lengths) and bool(jnp.any(cache.lengths + counts > cache.max_len)):
+        raise CacheOverflowError(_overflow_message(cache, counts))
+
+    t = jnp.arange(chunk)[None, :]
+    positions = cache.lengths[:, None] + t
+    keep = (t < counts[:, None]) & (positions < cache.max_len)
+    if lc.ring:
+        # Of the chunk, only the last `capacity` real tokens survive in the ring.
+        keep &= t >= counts[:, None] - lc.capacity
+        slots = positions % lc.capacity
+    else:
+        slots = positions
+    slots = jnp.where(keep, slots, lc.capacity)
+
+    written = dataclasses.replace(
+        lc, k=_write_tensor(lc.k, k, slots), v=_write_tensor(lc.v, v, slots)
+    )
+    kept = keep[:, :, None, None]
+    bad = jnp.any(kept & ~jnp.isfinite(k)) | jnp.any(kept & ~jnp.isfinite(v))
+    layers = cache.layers[:layer] + (written,) + cache.layers[layer + 1 :]
+    return dataclasses.replace(cache, layers=layers, nonfinite=cache.nonfinite | bad)
+
+
+def advance(cache: KVCache, num_tokens: jax.Array | int) -> KVCache:
+    """Moves each sequence's length on by num_tokens (int or int32 [B])."""
+    counts = jnp.broadcast_to(jnp.asarray(num_tokens, jnp.int32), (cache.batch_size,))
+    new_lengths = cache.lengths + counts
+    over = jnp.any(new_lengths > cache.max_len)
+    if _is_concrete(over) and bool(over):
+        raise CacheOverflowError(_overflow_message(cache, counts))
+    return dataclasses.replace(
+        cache,
+        lengths=jnp.minimum(new_lengths, cache.max_len),
+        overflowed=cache.overflowed | over,
+    )
+
+
+def update(
+    cache: KVCache,
+    ks: Sequence[jax.Array],
+    vs: Sequence[jax.Array],
+    num_tokens: jax.Array | int | None = None,
+) -> KVCache:
+    """Writes one chunk [B, T, Hkv, D] per layer and advances the lengths."""
+    if len(ks) != len(cache.layers) or len(vs) != len(cache.layers):
+        raise ValueError(
+            f"ks, vs: expected {len(cache.layers)} layers, got {len(ks)} and {len(vs)}."
+        )
+    for layer, (k, v) in enumerate(zip(ks, vs)):
+        cache = write_layer(cache, layer, k, v, num_tokens)
+    return advance(cache, ks[0].shape[1] if num_tokens is None else num_tokens)
+
+
+def slot_positions(cache: KVCache, layer: int) -> jax.Array:
+    """int32 [B, capacity]: the position held in each slot, or -1 where none is."""
+    lc = cache.layers[layer]
+    slots = jnp.arange(lc.capacity)[None, :]
+    lengths = cache.lengths[:, None]
+    if lc.ring:
+        # The newest position p < length with p % capacity == slot.
+        positions = lengths - 1 - (lengths - 1 - slots) % lc.capacity
+    else:
+        positions = jnp.broadcast_to(slots, (cache.batch_size, lc.capacity))
+    return jnp.where((positions >= 0) & (positions < lengths), positions, -1)
+
+
+def read_layer(
+    cache: KVCache, layer: int, dtype: jnp.dtype = jnp.float32
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The dequantized keys and values of one layer, for references and tests.
+
+    Returns:
+      (k, v, positions): k and v [B, Hkv, capacity, D] in `dtype`, and the int32
+      [B, capacity] positions of the slots (-1 for empty slots, whose K/V are
+      meaningless).
+    """
+    from fp4kv_jax.formats import dequantize
+
+    lc = cache.layers[layer]
+    return dequantize(lc.k, dtype), dequantize(lc.v, dtype), slot_positions(cache, layer)
+
+
+def set_global_scales(
+    cache: KVCache, k_scales: Sequence[float], v_scales: Sequence[float]
+) -> KVCache:
+    """Sets the per-layer float32 global scales of K and V (fp8, nvfp4 layers).
+
+    Only an empty cache may change scale: stored values are relative to it. Layers
+    whose format has no global scale must get None.
+    """
+    if _is_concrete(cache.lengths) and bool(jnp.any(cache.lengths > 0)):
+        raise ValueError("cache: global scales can only be set on an empty cache.")
+    layers = []
+    for layer, (lc, ks, vs) in enumerate(zip(cache.layers, k_scales, v_scales, strict=True)):
+        has = get_codec(lc.fmt).has_global_scale
+        if has != (ks is not None) or has != (vs is not None):
+            raise ValueError(
+                f"k_scales, v_scales: layer {layer} ({lc.fmt}) needs "
+                f"{'a float' if has else 'None'} for both."
+            )
+        if has:
+            lc = dataclasses.replace(
+                lc,
+                k=dataclasses.replace(lc.k, global_scale=jnp.asarray(ks, jnp.float32)),
+                v=dataclasses.replace(lc.v, global_scale=jnp.asarray(vs, jnp.float32)),
+            )
+        layers.append(lc)
+    return dataclasses.replace(cache, layers=tuple(layers))
+
+
+def check_cache(cache: KVCache) -> KVCache:
+    """Raises CacheOverflowError or NonFiniteKVError if a sticky flag is set."""
+    if bool(cache.overflowed):
+        raise CacheOverflowError(
+            f"cache overflow: a write went past max_len={cache.max_len}; the tokens past "
+            "it were dropped. Build the cache with a larger max_len."
+        )
+    if bool(cache.nonfinite):
+        raise NonFiniteKVError("cache: NaN or infinite keys or values were written.")
+    return cache

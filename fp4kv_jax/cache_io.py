@@ -1,0 +1,67 @@
+"""Saving a KVCache to an orbax-checkpoint directory and loading it back, bit-exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from fp4kv_jax.cache import KVCache, LayerCache, empty_tensor
+
+_LAYOUT_FILE = "cache_layout.json"
+_ARRAYS_DIR = "arrays"
+
+
+def _layout(cache: KVCache) -> dict:
+    return {
+        "max_len": cache.max_len,
+        "batch_size": cache.batch_size,
+        "layers": [
+            {"fmt": lc.fmt, "shape": list(lc.k.shape), "window": lc.window, "ring": lc.ring}
+            for lc in cache.layers
+        ],
+    }
+
+
+def _empty_from_layout(layout: dict) -> KVCache:
+    layers = tuple(
+        LayerCache(
+            empty_tensor(spec["fmt"], tuple(spec["shape"])),
+            empty_tensor(spec["fmt"], tuple(spec["shape"])),
+            spec["window"],
+            spec["ring"],
+        )
+        for spec in layout["layers"]
+    )
+    return KVCache(
+        layers=layers,
+        lengths=jnp.zeros((layout["batch_size"],), jnp.int32),
+        overflowed=jnp.zeros((), bool),
+        nonfinite=jnp.zeros((), bool),
+        max_len=layout["max_len"],
+    )
+
+
+def save_cache(directory: str | Path, cache: KVCache) -> Path:
+    """Writes `cache` under `directory` (which must not exist yet); returns its path."""
+    directory = Path(directory).absolute()
+    if directory.exists():
+        raise FileExistsError(f"directory: {directory} exists already; pick a new path.")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / _ARRAYS_DIR, cache)
+    checkpointer.wait_until_finished()
+    (directory / _LAYOUT_FILE).write_text(json.dumps(_layout(cache), indent=1))
+    return directory
+
+
+def load_cache(directory: str | Path) -> KVCache:
+    """Reads a cache written by `save_cache`."""
+    directory = Path(directory).absolute()
+    layout_path = directory / _LAYOUT_FILE
+    if not layout_path.is_file():
+        raise FileNotFoundError(f"directory: {directory} holds no {_LAYOUT_FILE}; not a saved cache.")
+    abstract = jax.eval_shape(lambda: _empty_from_layout(json.loads(layout_path.read_text())))
+    return ocp.StandardCheckpointer().restore(directory / _ARRAYS_DIR, abstract)

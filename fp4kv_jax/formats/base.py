@@ -1,0 +1,115 @@
+"""The codec interface that every cache format implements, and the tensor it produces.
+
+A codec turns float32 values into stored arrays along the last axis (head_dim for a KV
+cache) and back. Everything here is pure jnp, so codecs run under jit, vmap and inside
+the cache update.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """Values of logical shape [..., D] stored in one cache format.
+
+    Attributes:
+      data: the stored elements. For FP4 formats uint8 [..., D // 2], two E2M1 codes a
+        byte with the even element in the low nibble; otherwise [..., D] in the storage
+        dtype.
+      scales: block scales [..., D // block_size] (uint8 exponents or float8_e4m3fn), or
+        None for formats without block scales.
+      global_scale: float32 [] tensor-wide scale (fp8, nvfp4), or None.
+      fmt: the format name (static).
+    """
+
+    data: jax.Array
+    scales: jax.Array | None
+    global_scale: jax.Array | None
+    fmt: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape [..., D]."""
+        return (*self.data.shape[:-1], self.data.shape[-1] * self.codec.elements_per_datum)
+
+    @property
+    def codec(self) -> Codec:
+        from fp4kv_jax.formats.registry import get_codec
+
+        return get_codec(self.fmt)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(self))
+
+
+class Codec(abc.ABC):
+    """One cache format: how a float32 vector is stored and read back.
+
+    Subclasses set the class attributes and implement `encode` and `decode`. Each
+    format lives in its own module of `fp4kv_jax.formats` and registers an instance with
+    `register`; nothing else in the library names a format.
+    """
+
+    name: ClassVar[str]
+    data_dtype: ClassVar[jnp.dtype]
+    # Logical elements per stored datum: 2 for packed E2M1, 1 otherwise.
+    elements_per_datum: ClassVar[int] = 1
+    # Elements per block scale along the last axis; None for no block scales.
+    block_size: ClassVar[int | None] = None
+    scale_dtype: ClassVar[jnp.dtype | None] = None
+    # Whether the format carries a float32 tensor-wide scale.
+    has_global_scale: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def encode(
+        self, x: jax.Array, global_scale: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """float32 [..., D] -> (data, scales) as described on `QuantizedTensor`."""
+
+    @abc.abstractmethod
+    def decode(
+        self, data: jax.Array, scales: jax.Array | None, global_scale: jax.Array | None
+    ) -> jax.Array:
+        """(data, scales) -> float32 [..., D]."""
+
+    def global_scale_for(self, x: jax.Array) -> jax.Array | None:
+        """The global scale to use for `x` when the caller gives none."""
+        return jnp.float32(1.0) if self.has_global_scale else None
+
+    def initial_global_scale(self) -> jax.Array | None:
+        """The global scale a fresh cache starts with (before any calibration)."""
+        return jnp.float32(1.0) if self.has_global_scale else None
+
+    @property
+    def last_dim_multiple(self) -> int:
+        """The last axis must be a multiple of this."""
+        return max(self.block_size or 1, self.elements_per_datum)
+
+    def check_last_dim(self, size: int, arg: str = "x") -> None:
+        m = self.last_dim_multiple
+        if size % m:
+            raise ValueError(
+                f"{arg}: format {self.name!r} needs the last axis (head_dim) to be a "
+                f"multiple of {m}; got {size}."
+            )
+
+    def bytes_per_vector(self, size: int) -> int:
+        """Bytes stored for one vector of `size` elements: data plus block scales."""
+        self.check_last_dim(size, "head_dim")
+        data = size // self.elements_per_datum * jnp.dtype(self.data_dtype).itemsize
+        scales = 0
+        if self.block_size is not None:
+            scales = size // self.block_size * jnp.dtype(self.scale_dtype).itemsize
+        return data + scales
+
+    def bits_per_element(self, size: int = 128) -> float:
+        return 8 * self.bytes_per_vector(size) / size

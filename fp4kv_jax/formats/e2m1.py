@@ -1,0 +1,139 @@
+"""E2M1 (FP4) codes, nibble packing and exact powers of two, shared by the FP4 codecs.
+
+An E2M1 code is 4 bits: bit 3 is the sign, bits 0-2 index the magnitudes
+(0, 0.5, 1, 1.5, 2, 3, 4, 6). Two codes share a byte along the last axis, the even
+element in the low nibble: byte = (code[2i+1] << 4) | code[2i].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+MAX_MAGNITUDE = 6.0
+# Midpoints between neighbouring magnitudes.
+MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+# All 16 code values, indexed by code; -0.0 for code 8.
+VALUES = np.array(MAGNITUDES + tuple(-m for m in MAGNITUDES), np.float32)
+
+
+def magnitude_index_ties_away(abs_y: jax.Array) -> jax.Array:
+    """Index of |y| on the grid, a midpoint rounding away from zero.
+
+    The count of midpoints that |y| reaches or passes; saturates at 7 (= 6.0).
+    float32 [...] -> uint8 [...].
+    """
+    idx = jnp.zeros(abs_y.shape, jnp.uint8)
+    for m in MIDPOINTS:
+        idx += (abs_y >= m).astype(jnp.uint8)
+    return idx
+
+
+def magnitude_index_nearest_even(abs_y: jax.Array) -> jax.Array:
+    """Index of |y| on the grid, rounding to nearest with ties to the even code.
+
+    At a midpoint whose lower neighbour has an even index the tie stays down (strict
+    `>`), otherwise it goes up (`>=`). Saturates at 7 (= 6.0). float32 -> uint8.
+    """
+    idx = jnp.zeros(abs_y.shape, jnp.uint8)
+    for lower, m in enumerate(MIDPOINTS):
+        passed = abs_y > m if lower % 2 == 0 else abs_y >= m
+        idx += passed.astype(jnp.uint8)
+    return idx
+
+
+def with_sign(magnitude_index: jax.Array, y: jax.Array) -> jax.Array:
+    """Sets bit 3 where y < 0. uint8, float32 -> uint8 codes."""
+    return magnitude_index | jnp.where(y < 0, jnp.uint8(8), jnp.uint8(0))
+
+
+def pack(codes: jax.Array) -> jax.Array:
+    """uint8 codes [..., D] -> packed bytes [..., D // 2], even element low."""
+    even, odd = codes[..., 0::2], codes[..., 1::2]
+    return (odd << 4) | even
+
+
+def unpack(packed: jax.Array) -> jax.Array:
+    """Packed bytes [..., D // 2] -> uint8 codes [..., D]."""
+    low, high = packed & 0x0F, packed >> 4
+    return jnp.stack([low, high], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def code_values(codes: jax.Array) -> jax.Array:
+    """uint8 codes -> float32 values."""
+    return jnp.asarray(VALUES)[codes.astype(jnp.int32)]
+
+
+def exponent_of(x: jax.Array) -> jax.Array:
+    """floor(log2(|x|)) for normal float32 x, read from the exponent bits; int32.
+
+    Zero and subnormals give -127.
+    """
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return ((bits >> 23) & 0xFF).astype(jnp.int32) - 127
+
+
+def mantissa_of(x: jax.Array) -> jax.Array:
+    """The 23 stored mantissa bits of float32 x, as int32."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return (bits & 0x7FFFFF).astype(jnp.int32)
+
+
+def exact_pow2(e: jax.Array) -> jax.Array:
+    """2.0**e as float32, exact, by writing the exponent bits; e int32 in [-126, 127].
+
+    XLA's exp2 is off by an ulp for integer arguments beyond about +-12 on CPU.
+    """
+    bits = ((e + 127).astype(jnp.uint32) & 0xFF) << 23
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def scale_by_pow2(x: jax.Array, e: jax.Array) -> jax.Array:
+    """x * 2**e, exact for any int32 e with a normal result (two exact steps)."""
+    half = e // 2
+    return x * exact_pow2(half) * exact_pow2(e - half)
+
+
+def _largest_mantissa_rounding_down() -> np.ndarray:
+    """For k in [-150, 128): the largest 23-bit mantissa j with RN32(k + log2(1 + j/2**23)) == k.
+
+    That is the largest j whose log2 offset stays within half the float32 spacing
+    just above k (the tie goes to k, whose last mantissa bit is even).
+    """
+    ks = np.arange(-150, 128)
+    limits = np.zeros(ks.shape, np.int64)
+    j = np.arange(0, 64, dtype=np.float64)
+    offsets = np.log1p(j * 2.0**-23) / np.log(2.0)
+    for i, k in enumerate(ks):
+        k32 = np.float32(k)
+        spacing = float(np.nextafter(k32, np.float32(np.inf))) - float(k32)
+        limits[i] = np.nonzero(offsets <= spacing / 2)[0].max()
+    return limits
+
+
+_ROUND_DOWN_LIMIT = _largest_mantissa_rounding_down()
+
+
+def ceil_log2_rounded(v: jax.Array) -> jax.Array:
+    """ceil(log2(v)) where log2 is float32 log2, correctly rounded; v > 0 normal. int32.
+
+    This is what `torch.ceil(torch.log2(v))` computes in float32 with a correctly
+    rounded log2, done with integer ops so it is exact on every backend (XLA's own log2
+    is not exact even at powers of two). Just above a power of two 2**k the float32
+    log2 rounds back down to k, so the result is k, not k + 1.
+    """
+    k = exponent_of(v)
+    limit = jnp.asarray(_ROUND_DOWN_LIMIT, jnp.int32)[k + 150]
+    return k + (mantissa_of(v) > limit).astype(jnp.int32)
+
+
+def block_view(x: jax.Array, block_size: int) -> jax.Array:
+    """[..., D] -> [..., D // block_size, block_size]."""
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+
+
+def block_nonfinite(blocks: jax.Array) -> jax.Array:
+    """[..., n, block] -> bool [..., n]: the block holds a NaN or an infinity."""
+    return jnp.any(~jnp.isfinite(blocks), axis=-1)

@@ -1,0 +1,35 @@
+"""FP8 caches, `fp8_e4m3` and `fp8_e5m2`, with one float32 scale per tensor.
+
+The stored value is x / global_scale in float8; the cache keeps one global scale per
+layer for K and one for V (default 1.0, settable or calibrated). Finite values beyond
+the format's range saturate; NaN and infinities are stored as NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fp4kv_jax.formats.base import Codec
+from fp4kv_jax.formats.registry import register
+
+
+class Fp8Codec(Codec):
+    has_global_scale = True
+
+    def __init__(self, name: str, dtype: jnp.dtype):
+        self.name = name
+        self.data_dtype = dtype
+
+    def encode(self, x, global_scale):
+        largest = float(jnp.finfo(self.data_dtype).max)
+        y = x / global_scale
+        y = jnp.where(jnp.isfinite(y), jnp.clip(y, -largest, largest), jnp.nan)
+        return y.astype(self.data_dtype), None
+
+    def decode(self, data, scales, global_scale) -> jax.Array:
+        return data.astype(jnp.float32) * global_scale
+
+
+register(Fp8Codec("fp8_e4m3", jnp.float8_e4m3fn))
+register(Fp8Codec("fp8_e5m2", jnp.float8_e5m2))

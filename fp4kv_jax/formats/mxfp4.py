@@ -1,0 +1,47 @@
+"""`mxfp4`: OCP Microscaling MXFP4 (v1.0), blocks of 32 with an E8M0 scale.
+
+Per block: shared exponent e = floor(log2(absmax)) - 2 (2 is E2M1's emax), stored as
+e + 127, clamped to [0, 254]; an all-zero block stores 0. Elements are x / 2**e rounded
+to nearest-even on the E2M1 grid, saturating at +-6. A block holding NaN or an infinity
+stores 255, E8M0's NaN, and reads back as NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fp4kv_jax.formats import e2m1
+from fp4kv_jax.formats.base import Codec
+from fp4kv_jax.formats.registry import register
+
+E8M0_NAN = 255
+_EMAX_E2M1 = 2
+
+
+class Mxfp4Codec(Codec):
+    name = "mxfp4"
+    data_dtype = jnp.uint8
+    elements_per_datum = 2
+    block_size = 32
+    scale_dtype = jnp.uint8
+
+    def encode(self, x, global_scale):
+        blocks = e2m1.block_view(x, self.block_size)
+        bad = e2m1.block_nonfinite(blocks)
+        absmax = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0.0), axis=-1)
+        exponent = jnp.clip(e2m1.exponent_of(absmax) - _EMAX_E2M1, -127, 127)
+        y = e2m1.scale_by_pow2(blocks, -exponent[..., None])
+        codes = e2m1.with_sign(e2m1.magnitude_index_nearest_even(jnp.abs(y)), y)
+        codes = jnp.where(bad[..., None], jnp.uint8(0), codes).reshape(x.shape)
+        scales = jnp.where(bad, E8M0_NAN, exponent + 127).astype(jnp.uint8)
+        return e2m1.pack(codes), scales
+
+    def decode(self, data, scales, global_scale) -> jax.Array:
+        values = e2m1.block_view(e2m1.code_values(e2m1.unpack(data)), self.block_size)
+        out = e2m1.scale_by_pow2(values, scales.astype(jnp.int32)[..., None] - 127)
+        out = jnp.where((scales == E8M0_NAN)[..., None], jnp.nan, out)
+        return out.reshape(*data.shape[:-1], -1)
+
+
+register(Mxfp4Codec())

@@ -1,0 +1,54 @@
+"""`nvfp4`: NVIDIA's two-level FP4 recipe (TensorRT-LLM, vLLM, SGLang `nvfp4`).
+
+Per block of 16: block_scale = e4m3(absmax / 6 / global_scale), saturating at 448;
+q = round_to_e2m1(x / (block_scale * global_scale)), nearest-even, saturating at +-6.
+The float32 global scale is per layer, K and V each; `quantize` without one uses
+amax / (6 * 448) over the finite values. A block holding NaN or an infinity stores a
+NaN block scale and reads back as NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fp4kv_jax.formats import e2m1
+from fp4kv_jax.formats.base import Codec
+from fp4kv_jax.formats.registry import register
+
+E4M3_MAX = 448.0
+
+
+class Nvfp4Codec(Codec):
+    name = "nvfp4"
+    data_dtype = jnp.uint8
+    elements_per_datum = 2
+    block_size = 16
+    scale_dtype = jnp.float8_e4m3fn
+    has_global_scale = True
+
+    def global_scale_for(self, x):
+        amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0))
+        return jnp.where(amax > 0, amax / (e2m1.MAX_MAGNITUDE * E4M3_MAX), 1.0).astype(
+            jnp.float32
+        )
+
+    def encode(self, x, global_scale):
+        blocks = e2m1.block_view(x, self.block_size)
+        bad = e2m1.block_nonfinite(blocks)
+        absmax = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0.0), axis=-1)
+        wanted = jnp.minimum(absmax / e2m1.MAX_MAGNITUDE / global_scale, E4M3_MAX)
+        block_scale = jnp.where(bad, jnp.nan, wanted).astype(jnp.float8_e4m3fn)
+        denom = block_scale.astype(jnp.float32) * global_scale
+        y = jnp.where(denom[..., None] > 0, blocks / denom[..., None], 0.0)
+        codes = e2m1.with_sign(e2m1.magnitude_index_nearest_even(jnp.abs(y)), y)
+        codes = jnp.where(bad[..., None], jnp.uint8(0), codes).reshape(x.shape)
+        return e2m1.pack(codes), block_scale
+
+    def decode(self, data, scales, global_scale) -> jax.Array:
+        values = e2m1.block_view(e2m1.code_values(e2m1.unpack(data)), self.block_size)
+        out = values * (scales.astype(jnp.float32) * global_scale)[..., None]
+        return out.reshape(*data.shape[:-1], -1)
+
+
+register(Nvfp4Codec())

@@ -1,0 +1,144 @@
+"""The KV cache pytree: allocation, writes at per-sequence lengths, reads, refusals."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fp4kv_jax import cache as C
+from fp4kv_jax import dequantize, format_names, quantize
+from fp4kv_jax.models.configs import ModelConfig
+
+TINY = ModelConfig(
+    architecture="gpt_oss",
+    vocab_size=32,
+    hidden_size=64,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    layer_types=("sliding_attention", "full_attention"),
+    sliding_window=4,
+)
+
+
+def _kv(key, batch, tokens):
+    return jax.random.normal(jax.random.key(key), (batch, tokens, TINY.num_kv_heads, TINY.head_dim))
+
+
+@pytest.mark.parametrize("fmt", format_names())
+def test_write_then_read_matches_quantized_values_at_each_sequence_length(fmt):
+    cache = C.init_cache(TINY, batch_size=2, max_len=8, cache_dtype=fmt)
+    first, second = _kv(0, 2, 3), _kv(1, 2, 2)
+    cache = C.update(cache, [first] * 2, [first] * 2, num_tokens=jnp.array([3, 1]))
+    cache = C.update(cache, [second] * 2, [-second] * 2)
+    np.testing.assert_array_equal(cache.lengths, [5, 3])
+
+    k, v, positions = C.read_layer(cache, 1)
+    np.testing.assert_array_equal(positions[1], [0, 1, 2, -1, -1, -1, -1, -1])
+    global_scale = cache.layers[1].k.global_scale
+
+    def stored(x):
+        return dequantize(quantize(x, fmt, global_scale=global_scale))
+
+    # Sequence 1 kept 1 token of the first chunk, so the second chunk starts at slot 1.
+    np.testing.assert_array_equal(k[1, :, 0], stored(first[1, 0]))
+    np.testing.assert_array_equal(k[1, :, 1:3], stored(second[1]).swapaxes(0, 1))
+    np.testing.assert_array_equal(v[0, :, 3:5], stored(-second[0]).swapaxes(0, 1))
+
+
+def test_physical_layout_is_head_major_packed_with_block_scales():
+    cache = C.init_cache(TINY, batch_size=3, max_len=8, cache_dtype="fp4_e2m1")
+    layer = cache.layers[0]
+    assert layer.k.data.shape == (3, 2, 8, 16) and layer.k.data.dtype == jnp.uint8
+    assert layer.k.scales.shape == (3, 2, 8, 2) and layer.k.scales.dtype == jnp.uint8
+    nv = C.init_cache(TINY, batch_size=3, max_len=8, cache_dtype="nvfp4").layers[0]
+    assert nv.k.scales.dtype == jnp.float8_e4m3fn and nv.k.global_scale.shape == ()
+
+
+def test_trimmed_sliding_layer_is_a_ring_holding_the_last_window_positions():
+    cache = C.init_cache(TINY, 1, max_len=16, cache_dtype="float32", trim_sliding_layers=True)
+    assert [lc.capacity for lc in cache.layers] == [4, 16]
+    x = _kv(2, 1, 6)
+    cache = C.update(cache, [x] * 2, [x] * 2)
+    k, _, positions = C.read_layer(cache, 0)
+    np.testing.assert_array_equal(positions[0], [4, 5, 2, 3])
+    np.testing.assert_array_equal(k[0, :, 0], x[0, 4])
+    np.testing.assert_array_equal(k[0, :, 3], x[0, 3])
+
+
+def test_update_under_jit_with_donation_matches_eager():
+    cache = C.init_cache(TINY, 2, 8, "fp4_e2m1")
+    x = _kv(3, 2, 1)
+    eager = C.update(cache, [x] * 2, [x] * 2)
+    step = jax.jit(lambda c, x: C.update(c, [x] * 2, [x] * 2), donate_argnums=0)
+    jitted = step(C.init_cache(TINY, 2, 8, "fp4_e2m1"), x)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_overflow_is_refused_eagerly_and_flagged_under_jit():
+    cache = C.update(C.init_cache(TINY, 1, 4, "bf16"), [_kv(4, 1, 3)] * 2, [_kv(4, 1, 3)] * 2)
+    with pytest.raises(C.CacheOverflowError, match="max_len=4"):
+        C.update(cache, [_kv(5, 1, 2)] * 2, [_kv(5, 1, 2)] * 2)
+    with pytest.raises(C.CacheOverflowError, match="chunk of 5 tokens"):
+        jax.jit(lambda c, x: C.update(c, [x] * 2, [x] * 2))(cache, _kv(6, 1, 5))
+
+    before = C.read_layer(cache, 1)[0]
+    step = jax.jit(lambda c, x: C.update(c, [x] * 2, [x] * 2))
+    after = step(cache, _kv(7, 1, 2))
+    assert bool(after.overflowed)
+    # The token that fits is written; the one past max_len is dropped, not clamped.
+    np.testing.assert_array_equal(C.read_layer(after, 1)[0][0, :, :3], before[0, :, :3])
+    with pytest.raises(C.CacheOverflowError):
+        C.check_cache(after)
+
+
+def test_nonfinite_values_set_the_flag():
+    x = _kv(8, 1, 2).at[0, 1, 0, 5].set(jnp.nan)
+    cache = jax.jit(lambda c: C.update(c, [x] * 2, [x] * 2))(C.init_cache(TINY, 1, 4, "fp4_e2m1"))
+    assert bool(cache.nonfinite)
+    with pytest.raises(C.NonFiniteKVError):
+        C.check_cache(cache)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(cache_dtype="int4"), "cache_dtype: unknown cache format 'int4'; valid formats"),
+        (dict(max_len=0), "max_len"),
+        (dict(cache_dtype=["bf16"]), "per-layer list needs 2 entries"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    args = dict(config=TINY, batch_size=1, max_len=4, cache_dtype="bf16") | kwargs
+    with pytest.raises(ValueError, match=match):
+        C.init_cache(**args)
+
+
+def test_head_dim_not_a_block_multiple_is_refused():
+    odd = dataclasses.replace(TINY, head_dim=24)
+    with pytest.raises(ValueError, match="head_dim: format 'mxfp4' needs .* multiple of 32"):
+        C.init_cache(odd, 1, 4, "mxfp4")
+
+
+def test_wrong_shape_or_dtype_of_new_keys_is_refused():
+    cache = C.init_cache(TINY, 1, 4, "bf16")
+    with pytest.raises(ValueError, match="k: expected shape"):
+        C.write_layer(cache, 0, jnp.zeros((1, 1, 3, 32)), jnp.zeros((1, 1, 3, 32)))
+    with pytest.raises(TypeError, match="v: expected a floating-point"):
+        C.write_layer(cache, 0, jnp.zeros((1, 1, 2, 32)), jnp.zeros((1, 1, 2, 32), jnp.int32))
+
+
+def test_global_scales_are_settable_only_on_an_empty_cache():
+    cache = C.init_cache(TINY, 1, 4, "fp8_e4m3")
+    scaled = C.set_global_scales(cache, [2.0, 3.0], [4.0, 5.0])
+    assert float(scaled.layers[1].v.global_scale) == 5.0
+    x = _kv(9, 1, 1) * 200  # past e4m3's 448 in places, unless divided by the scale 2
+    stored = C.read_layer(C.update(scaled, [x] * 2, [x] * 2), 0)[0]
+    np.testing.assert_allclose(stored[0, :, 0], x[0, 0], rtol=0.07)
+    with pytest.raises(ValueError, match="empty cache"):
+        C.set_global_scales(C.update(cache, [x] * 2, [x] * 2), [1.0, 1.0], [1.0, 1.0])

@@ -1,0 +1,37 @@
+"""`fp4kv memory` prints one row per cache dtype and reproduces SPEC's figures."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fp4kv_jax.cli import main
+
+
+def test_memory_table_reproduces_spec_bytes_per_token(capsys):
+    assert main(["memory", "--model", "qwen3-235b-a22b", "--budget-gib", "80",
+                 "--cache-dtypes", "bf16,fp8_e4m3,fp4_e2m1"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert "| 192,512 |" in rows["bf16"] and "| 1.00x |" in rows["bf16"]
+    assert "| 96,256 |" in rows["fp8_e4m3"] and "| 2.00x |" in rows["fp8_e4m3"]
+    assert "| 54,144 |" in rows["fp4_e2m1"] and "| 3.56x |" in rows["fp4_e2m1"]
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert main(["memory", "--model", "gpt-9"]) == 2
+    err = capsys.readouterr().err
+    assert "--model: 'gpt-9'" in err and "smollm2-135m" in err
+
+
+def test_unknown_cache_dtype_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["memory", "--cache-dtypes", "bf16,int3"])
+    assert "valid: float32, bf16" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "fp4kv_jax.cli", "memory", "--cache-dtypes", "bf16"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "smollm2-135m" in out and "| bf16 |" in out

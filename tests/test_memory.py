@@ -1,0 +1,50 @@
+"""Memory planning counts block scales and trimmed windows, to the byte."""
+
+import pytest
+
+from fp4kv_jax import cache as C
+from fp4kv_jax import format_names
+from fp4kv_jax.memory import kv_cache_bytes, kv_cache_bytes_per_token, max_cache_tokens
+
+
+@pytest.mark.parametrize(
+    "fmt, expected", [("bf16", 192_512), ("fp8_e4m3", 96_256), ("fp4_e2m1", 54_144), ("nvfp4", 54_144)]
+)
+def test_qwen3_235b_bytes_per_token_match_spec(fmt, expected):
+    assert kv_cache_bytes_per_token("qwen3-235b-a22b", fmt) == expected
+
+
+def test_fp4_matches_sglang_planning_formula():
+    layers, heads, dim = 94, 4, 128
+    sglang = heads * dim * layers // 2 * 2 + heads * dim * layers * 2 // 16
+    assert kv_cache_bytes_per_token("qwen3-235b-a22b", "fp4_e2m1") == sglang
+
+
+@pytest.mark.parametrize("fmt", format_names())
+@pytest.mark.parametrize("trim", [False, True])
+def test_estimate_equals_allocated_bytes(fmt, trim):
+    args = ("gpt-oss-20b", 2, 300)
+    allocated = C.init_cache(*args, cache_dtype=fmt, trim_sliding_layers=trim).nbytes
+    assert kv_cache_bytes(args[0], fmt, *args[1:], trim_sliding_layers=trim) == allocated
+
+
+def test_per_layer_dtypes_are_summed():
+    mixed = ["bf16"] * 15 + ["fp4_e2m1"] * 15
+    expected = (kv_cache_bytes_per_token("smollm2-135m", "bf16") + kv_cache_bytes_per_token("smollm2-135m", "fp4_e2m1")) // 2
+    assert kv_cache_bytes_per_token("smollm2-135m", mixed) == expected
+
+
+def test_max_cache_tokens_is_the_largest_length_that_fits():
+    budget = 10 * 2**20
+    for fmt in ("bf16", "fp4_e2m1"):
+        n = max_cache_tokens("smollm2-135m", fmt, budget, batch_size=2)
+        assert kv_cache_bytes("smollm2-135m", fmt, 2, n) <= budget
+        assert kv_cache_bytes("smollm2-135m", fmt, 2, n + 1) > budget
+    assert max_cache_tokens("smollm2-135m", "bf16", 100) == 0
+
+
+def test_trimmed_sliding_layers_fit_more_tokens():
+    budget = 2**30
+    plain = max_cache_tokens("gpt-oss-20b", "fp4_e2m1", budget)
+    trimmed = max_cache_tokens("gpt-oss-20b", "fp4_e2m1", budget, trim_sliding_layers=True)
+    assert trimmed > 1.9 * plain
