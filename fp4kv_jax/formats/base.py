@@ -81,6 +81,18 @@ class Codec(abc.ABC):
     ) -> jax.Array:
         """(data, scales) -> float32 [..., D]."""
 
+    def decode_planes(
+        self, data: jax.Array, scales: jax.Array | None, global_scale: jax.Array | None
+    ) -> tuple[jax.Array, ...]:
+        """Decodes a tile [rows, ...] inside a kernel, one float32 plane per element of a datum.
+
+        Plane i holds the logical columns i, i + P, i + 2P, ... (P = elements_per_datum),
+        so packed formats need no in-register interleave: a kernel splits its queries
+        the same way and sums the per-plane dot products. Uses only ops that Pallas
+        lowers to Triton (bit ops, bitcasts, broadcasts, reshapes; no gathers).
+        """
+        return (self.decode(data, scales, global_scale),)
+
     def global_scale_for(self, x: jax.Array) -> jax.Array | None:
         """The global scale to use for `x` when the caller gives none."""
         return jnp.float32(1.0) if self.has_global_scale else None

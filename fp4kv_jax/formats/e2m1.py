@@ -66,6 +66,51 @@ def code_values(codes: jax.Array) -> jax.Array:
     return jnp.asarray(VALUES)[codes.astype(jnp.int32)]
 
 
+# value_times_2_pow_minus_14 returns E2M1 values scaled by this power of two.
+BITS_DECODE_SCALE = 2.0**-14
+
+
+def value_times_2_pow_minus_14(codes: jax.Array) -> jax.Array:
+    """E2M1 codes (uint8) -> float32 value(code) * 2**-14, by bit ops alone.
+
+    The three magnitude bits placed at float16 bits 9-11 and the sign at bit 15 form
+    the float16 value(code) * 2**-14 (code 1, 0.5, lands on the float16 subnormal
+    2**-15). Kernels fold the 2**14 into the block scale.
+    """
+    c = codes.astype(jnp.uint16)
+    bits = ((c & 7) << 9) | ((c & 8) << 12)
+    return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
+
+
+def packed_planes(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Packed bytes [..., n] -> (even codes, odd codes), each uint8 [..., n]."""
+    return packed & 0x0F, packed >> 4
+
+
+def expand_block_scales(scales: jax.Array, columns_per_block: int) -> jax.Array:
+    """float32 [rows, n] -> [rows, n * columns_per_block], each scale repeated."""
+    rows, n = scales.shape
+    wide = jnp.broadcast_to(scales[:, :, None], (rows, n, columns_per_block))
+    return wide.reshape(rows, n * columns_per_block)
+
+
+def exponent_byte_scale(scales: jax.Array, nan_byte: int) -> jax.Array:
+    """uint8 exponent bytes (bias 127) -> float32 2**(byte - 127), NaN for nan_byte.
+
+    Built from exponent bits, so byte 0 gives 0 rather than the subnormal 2**-127,
+    as XLA's CPU flush-to-zero does.
+    """
+    power = jax.lax.bitcast_convert_type(scales.astype(jnp.uint32) << 23, jnp.float32)
+    return jnp.where(scales == nan_byte, jnp.nan, power)
+
+
+def decode_packed_planes(data: jax.Array, block_scale: jax.Array, block_size: int):
+    """Packed tile uint8 [rows, D/2] and float32 block scales [rows, D/block] ->
+    (even, odd) float32 planes [rows, D/2] of the dequantized values."""
+    scale = expand_block_scales(block_scale / BITS_DECODE_SCALE, block_size // 2)
+    return tuple(value_times_2_pow_minus_14(c) * scale for c in packed_planes(data))
+
+
 def exponent_of(x: jax.Array) -> jax.Array:
     """floor(log2(|x|)) for normal float32 x, read from the exponent bits; int32.
 

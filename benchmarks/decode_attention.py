@@ -1,0 +1,212 @@
+"""GPU benchmark of decode attention over every cache format, with its baselines.
+
+In one run it measures:
+  copy   the device-to-device copy bandwidth (bytes read plus written), the ceiling;
+  cudnn  jax.nn.dot_product_attention(implementation="cudnn") over a bf16 cache;
+  unfused  jnp dequantize of the whole cache, then cuDNN (SGLang's approach);
+  ours   the fused Pallas kernel, for each format and tuning variant;
+and first checks the kernel against the float32 reference on a small shape for every
+format. Speed is reported as a ratio to cuDNN bf16 from the same run.
+
+    python benchmarks/decode_attention.py                 # the target shape only
+    python benchmarks/decode_attention.py --sweep         # batch x context x heads sweep
+    python benchmarks/decode_attention.py --out DIR       # also write results.json there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from fp4kv_jax import format_names, quantize
+from fp4kv_jax.cache import LayerCache
+from fp4kv_jax.formats import dequantize
+from fp4kv_jax.kernels.decode_attention import decode_attention
+
+TARGET = dict(batch=32, context=8192, heads=64, kv_heads=8, head_dim=128)
+
+
+def median_ms(fn, *args, repeats: int = 30, calls: int = 10) -> float:
+    """Median over `repeats` of the mean time of `calls` back-to-back calls, in ms."""
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / calls * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_tbs(nbytes: int = 2 << 30) -> float:
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a * 1.0000001)
+    ms = median_ms(copy, x, repeats=10, calls=5)
+    return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
+def realistic_kv(key, batch, kv_heads, context, head_dim):
+    """K with a few outlier channels and RoPE-like rotation, V plain; [B, Hkv, S, D] f32."""
+    k_key, v_key, c_key = jax.random.split(key, 3)
+    k = jax.random.normal(k_key, (batch, kv_heads, context, head_dim), jnp.float32)
+    outliers = jax.random.choice(c_key, head_dim, (4,), replace=False)
+    k = k.at[..., outliers].multiply(8.0)
+    half = head_dim // 2
+    theta = jnp.arange(context)[:, None] / 10000.0 ** (jnp.arange(half) / half)
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    k1, k2 = k[..., :half], k[..., half:]
+    k = jnp.concatenate([k1 * cos - k2 * sin, k1 * sin + k2 * cos], axis=-1)
+    v = jax.random.normal(v_key, (batch, kv_heads, context, head_dim), jnp.float32)
+    return k, v
+
+
+def stored_layer(k, v, fmt, window=None):
+    return LayerCache(k=quantize(k, fmt), v=quantize(v, fmt), window=window, ring=False)
+
+
+def check_correctness(formats) -> list[dict]:
+    """Kernel vs float32 reference on fresh inputs, ragged lengths, GQA 8, D=128."""
+    rows = []
+    batch, kv_heads, context, head_dim, heads = 4, 2, 1000, 128, 16
+    k, v = realistic_kv(jax.random.key(0), batch, kv_heads, context, head_dim)
+    q = jax.random.normal(jax.random.key(1), (batch, heads, head_dim), jnp.bfloat16)
+    lengths = jnp.array([1, 17, 640, 1000], jnp.int32)
+    for fmt in formats:
+        for window, sinks in ((None, None), (128, jnp.linspace(-1, 2, heads))):
+            layer = stored_layer(k, v, fmt, window)
+            ref = decode_attention(q, layer, lengths, sinks=sinks, implementation="reference")
+            out = decode_attention(q, layer, lengths, sinks=sinks, implementation="pallas_triton")
+            ref32, out32 = ref.astype(jnp.float32), out.astype(jnp.float32)
+            err = float(jnp.linalg.norm(out32 - ref32) / jnp.linalg.norm(ref32))
+            finite = bool(jnp.all(jnp.isfinite(out32)))
+            rows.append(dict(fmt=fmt, window=window, sinks=sinks is not None, rel_err=err, finite=finite))
+    return rows
+
+
+def time_shape(shape, formats, variants, copy_tbs) -> list[dict]:
+    b, s, hq, hkv, d = (shape[n] for n in ("batch", "context", "heads", "kv_heads", "head_dim"))
+    k, v = realistic_kv(jax.random.key(2), b, hkv, s, d)
+    q = jax.random.normal(jax.random.key(3), (b, hq, d), jnp.bfloat16)
+    lengths = jnp.full((b,), s, jnp.int32)
+    rows = []
+
+    # cuDNN wants [B, T, H, D]; give it its preferred layout, the strongest baseline.
+    k_bthd = k.transpose(0, 2, 1, 3).astype(jnp.bfloat16)
+    v_bthd = v.transpose(0, 2, 1, 3).astype(jnp.bfloat16)
+    cudnn = jax.jit(
+        lambda q, k, v: jax.nn.dot_product_attention(q[:, None], k, v, implementation="cudnn")[:, 0]
+    )
+    cudnn_ms = median_ms(cudnn, q, k_bthd, v_bthd)
+    kv_bytes = k_bthd.nbytes + v_bthd.nbytes
+    rows.append(dict(shape=shape, impl="cudnn", fmt="bf16", ms=cudnn_ms, bytes=kv_bytes))
+    del k_bthd, v_bthd
+
+    for fmt in formats:
+        layer = stored_layer(k, v, fmt)
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(layer))
+        if get_bits(fmt) < 16:
+
+            def unfused(q, layer):
+                kk = dequantize(layer.k, jnp.bfloat16).transpose(0, 2, 1, 3)
+                vv = dequantize(layer.v, jnp.bfloat16).transpose(0, 2, 1, 3)
+                return jax.nn.dot_product_attention(q[:, None], kk, vv, implementation="cudnn")[:, 0]
+
+            ms = median_ms(jax.jit(unfused), q, layer)
+            rows.append(dict(shape=shape, impl="unfused", fmt=fmt, ms=ms, bytes=nbytes))
+        for variant in variants:
+            fused = jax.jit(lambda q, layer, lengths, variant=variant: decode_attention(
+                q, layer, lengths, implementation="pallas_triton", **variant))
+            try:
+                ms = median_ms(fused, q, layer, lengths)
+            except Exception as error:  # a variant that does not compile is reported, not fatal
+                print(f"{fmt} {variant}: {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
+                continue
+            rows.append(dict(shape=shape, impl="ours", fmt=fmt, variant=variant, ms=ms, bytes=nbytes))
+        del layer
+    for row in rows:
+        row["tbs"] = row["bytes"] / (row["ms"] * 1e-3) / 1e12
+        row["of_copy"] = row["tbs"] / copy_tbs
+        row["speedup_vs_cudnn"] = cudnn_ms / row["ms"]
+    return rows
+
+
+def get_bits(fmt: str) -> float:
+    from fp4kv_jax import get_codec
+
+    return get_codec(fmt).bits_per_element(128)
+
+
+def table(rows) -> str:
+    lines = [
+        "| B | S | Hq/Hkv | D | impl | cache | variant | ms | TB/s | of copy | vs cuDNN bf16 |",
+        "|---|---|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        s = r["shape"]
+        variant = ",".join(f"{k}={v}" for k, v in r.get("variant", {}).items()) or "-"
+        lines.append(
+            f"| {s['batch']} | {s['context']} | {s['heads']}/{s['kv_heads']} | {s['head_dim']} | "
+            f"{r['impl']} | {r['fmt']} | {variant} | {r['ms']:.3f} | {r['tbs']:.2f} | "
+            f"{r['of_copy']:.0%} | {r['speedup_vs_cudnn']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="sweep batch, context and heads")
+    parser.add_argument("--formats", default="bf16,fp8_e4m3,fp4_e2m1,nvfp4,mxfp4")
+    parser.add_argument("--variants", default="block_k=64", help="';'-separated k=v,k=v tuning sets")
+    parser.add_argument("--out", type=Path, help="directory for results.json")
+    args = parser.parse_args()
+    if jax.default_backend() != "gpu":
+        print("decode_attention.py: needs a GPU.", file=sys.stderr)
+        return 2
+    formats = args.formats.split(",")
+    unknown = set(formats) - set(format_names())
+    if unknown:
+        parser.error(f"--formats: unknown {sorted(unknown)}; valid: {', '.join(format_names())}")
+    variants = [
+        {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+        for spec in args.variants.split(";")
+    ]
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind}; jax {jax.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    checks = check_correctness(formats)
+    for c in checks:
+        print(f"check {c['fmt']:9s} window={c['window']} sinks={c['sinks']}: rel_err={c['rel_err']:.2e} finite={c['finite']}")
+    copy_tbs = copy_bandwidth_tbs()
+    print(f"copy bandwidth: {copy_tbs:.2f} TB/s (read + write)")
+    shapes = [TARGET]
+    if args.sweep:
+        shapes = [
+            dict(batch=b, context=s, heads=64, kv_heads=8, head_dim=d)
+            for d in (128, 64)
+            for b, s in ((1, 131072), (8, 32768), (32, 8192), (64, 4096), (128, 1024))
+        ]
+    rows = []
+    for shape in shapes:
+        shape_rows = time_shape(shape, formats, variants, copy_tbs)
+        print(table(shape_rows), flush=True)
+        rows += shape_rows
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(
+            dict(device=device.device_kind, jax=jax.__version__, copy_tbs=copy_tbs,
+                 checks=checks, rows=rows), indent=1, default=str))
+    print("\n" + table(rows))
+    bad = [c for c in checks if not c["finite"] or c["rel_err"] > 2e-2]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Decode attention: one new query per sequence over a stored cache layer.
+
+    out = decode_attention(q, layer, lengths, sinks=None, sm_scale=None, implementation=None)
+
+Implementations:
+  "reference"      float32 jnp: dequantize the layer, then attend (any backend).
+  "pallas_triton"  fused dequantize-and-attend kernel; on CPU it runs in Pallas
+                   interpret mode.
+The default is "pallas_triton" on GPU and "reference" elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fp4kv_jax.cache import LayerCache
+from fp4kv_jax.kernels.decode_attention import pallas_triton, reference
+
+IMPLEMENTATIONS = ("reference", "pallas_triton")
+
+
+def default_implementation() -> str:
+    return "pallas_triton" if jax.default_backend() == "gpu" else "reference"
+
+
+def decode_attention(
+    q: jax.Array,
+    layer: LayerCache,
+    lengths: jax.Array,
+    *,
+    sinks: jax.Array | None = None,
+    sm_scale: float | None = None,
+    implementation: str | None = None,
+    **tuning,
+) -> jax.Array:
+    """Attention of each sequence's newest query over its cached keys and values.
+
+    Args:
+      q: float [B, Hq, D], the query at position lengths - 1 (its own K/V already
+        written to the cache). Hq must be a multiple of the layer's KV heads (GQA;
+        Hkv = 1 is MQA).
+      layer: the layer's stored K and V; its `window` (last W positions attended) and
+        `ring` layout are honoured.
+      lengths: int32 [B], valid positions per sequence (each >= 1).
+      sinks: float [Hq] learned sink logits that join the softmax denominator only.
+      sm_scale: softmax scale; default 1 / sqrt(D).
+      implementation: one of IMPLEMENTATIONS, or None for `default_implementation()`.
+      **tuning: passed to the Pallas implementation (block_k, num_splits, num_warps,
+        num_stages).
+
+    Returns:
+      [B, Hq, D] in q's dtype.
+    """
+    implementation = implementation or default_implementation()
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
+        )
+    batch, num_heads, head_dim = _check(q, layer, lengths, sinks)
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    args = dict(sm_scale=sm_scale, window=layer.window, ring=layer.ring, sinks=sinks)
+    if implementation == "reference":
+        if tuning:
+            raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
+        out = reference.decode_attention(q, layer.k, layer.v, lengths, **args)
+        return out.astype(q.dtype)
+    interpret = jax.default_backend() != "gpu"
+    return pallas_triton.decode_attention(
+        q, layer.k, layer.v, lengths, interpret=interpret, **args, **tuning
+    )
+
+
+def _check(q, layer, lengths, sinks):
+    if q.ndim != 3:
+        raise ValueError(f"q: expected [batch, heads, head_dim], got shape {q.shape}.")
+    batch, num_heads, head_dim = q.shape
+    cache_batch, kv_heads, _, cache_dim = layer.k.shape
+    if (batch, head_dim) != (cache_batch, cache_dim):
+        raise ValueError(
+            f"q: shape {q.shape} does not match the cache's batch {cache_batch} and "
+            f"head_dim {cache_dim}."
+        )
+    if num_heads % kv_heads:
+        raise ValueError(f"q: {num_heads} heads is not a multiple of the {kv_heads} KV heads.")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise TypeError(f"q: expected a floating-point dtype, got {q.dtype}.")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths: expected shape ({batch},), got {lengths.shape}.")
+    if sinks is not None and sinks.shape != (num_heads,):
+        raise ValueError(f"sinks: expected shape ({num_heads},), got {sinks.shape}.")
+    return batch, num_heads, head_dim

@@ -1,0 +1,240 @@
+"""Flash-decoding over a stored layer in Pallas (Triton lowering), dequantizing in registers.
+
+Grid (batch, kv_head, split). Each program streams one split of one (sequence, KV
+head)'s positions in blocks of `block_k` rows: packed bytes and block scales are loaded
+straight from the cache, decoded by the codec's `decode_planes` (bit ops, no bf16 copy
+of the cache ever reaches memory), and fed to the tensor cores for all the query heads
+of the group at once. Packed formats come out as planes of even and odd columns; the
+queries are split the same way and the per-plane dot products summed, so no register
+interleave is needed. The splits' partial softmax states are merged afterwards in XLA,
+where the attention sinks join the denominator.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from fp4kv_jax.formats import QuantizedTensor, get_codec
+
+_MASKED = -1e30  # finite, so a fully masked block cannot make inf - inf
+_MIN_QUERY_ROWS = 16  # the tensor cores' smallest M
+_PROGRAMS_PER_SM = 4
+_DEFAULT_SMS = 132
+
+
+def _compute_dtype(fmt: str) -> jnp.dtype:
+    """float32 and fp16 caches keep their precision in the dots; the rest use bf16,
+    which holds every FP4 and FP8 value exactly."""
+    data_dtype = jnp.dtype(get_codec(fmt).data_dtype)
+    return data_dtype if data_dtype in (jnp.float32, jnp.float16) else jnp.dtype(jnp.bfloat16)
+
+
+def _kernel(
+    lengths_ref,
+    global_scales_ref,
+    q_ref,
+    *refs,
+    codec,
+    has_scales: bool,
+    block_k: int,
+    chunk: int,
+    capacity: int,
+    window: int | None,
+    ring: bool,
+    compute_dtype,
+):
+    if has_scales:
+        k_data_ref, k_scales_ref, v_data_ref, v_scales_ref, o_ref, m_ref, l_ref = refs
+    else:
+        k_data_ref, v_data_ref, o_ref, m_ref, l_ref = refs
+        k_scales_ref = v_scales_ref = None
+    num_planes = q_ref.shape[0]
+    rows = q_ref.shape[1]
+    length = lengths_ref[...]
+    k_global, v_global = global_scales_ref[0], global_scales_ref[1]
+    precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+
+    split_start = pl.program_id(2) * chunk
+    lo = split_start
+    hi = jnp.minimum(jnp.minimum(split_start + chunk, capacity), length)
+    if window is not None and not ring:
+        lo = jnp.maximum(lo, length - window)
+    queries = [q_ref[p] for p in range(num_planes)]
+    tail_is_ragged = capacity % block_k != 0
+
+    def load(ref, block):
+        if ref is None:
+            return None
+        slots = block * block_k + jnp.arange(block_k)
+        view = ref.at[pl.ds(block * block_k, block_k), :]
+        if tail_is_ragged:
+            return plgpu.load(view, mask=(slots < capacity)[:, None], other=0)
+        return view[...]
+
+    def body(block, carry):
+        outs, peak, total = carry
+        slots = block * block_k + jnp.arange(block_k)
+        keys = codec.decode_planes(load(k_data_ref, block), load(k_scales_ref, block), k_global)
+        scores = sum(
+            plgpu.dot(qp, kp.astype(compute_dtype), trans_b=True, precision=precision)
+            for qp, kp in zip(queries, keys)
+        )
+        valid = (slots >= lo) & (slots < hi)
+        if ring and window is not None:
+            positions = length - 1 - (length - 1 - slots) % capacity
+            valid &= positions >= length - window
+        scores = jnp.where(valid[None, :], scores, _MASKED)
+        new_peak = jnp.maximum(peak, jnp.max(scores, axis=1))
+        correction = jnp.exp(peak - new_peak)
+        weights = jnp.where(valid[None, :], jnp.exp(scores - new_peak[:, None]), 0.0)
+        total = correction * total + jnp.sum(weights, axis=1)
+        values = codec.decode_planes(load(v_data_ref, block), load(v_scales_ref, block), v_global)
+        outs = tuple(
+            correction[:, None] * o
+            + plgpu.dot(weights.astype(compute_dtype), vp.astype(compute_dtype), precision=precision)
+            for o, vp in zip(outs, values)
+        )
+        return outs, new_peak, total
+
+    plane_width = q_ref.shape[2]
+    init = (
+        tuple(jnp.zeros((rows, plane_width), jnp.float32) for _ in range(num_planes)),
+        jnp.full((rows,), _MASKED, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    first = lo // block_k
+    last = jnp.where(hi > lo, pl.cdiv(hi, block_k), first)
+    outs, peak, total = lax.fori_loop(first, last, body, init)
+    for p in range(num_planes):
+        o_ref[p] = outs[p]
+    m_ref[...] = peak
+    l_ref[...] = total
+
+
+def _plan_splits(batch: int, kv_heads: int, capacity: int, block_k: int, num_splits: int | None):
+    """(chunk, splits): positions per split, a multiple of block_k, and their count."""
+    blocks = pl.cdiv(capacity, block_k)
+    if num_splits is None:
+        target = _PROGRAMS_PER_SM * _DEFAULT_SMS
+        num_splits = max(1, min(blocks, pl.cdiv(target, batch * kv_heads)))
+    chunk = pl.cdiv(blocks, num_splits) * block_k
+    return chunk, pl.cdiv(capacity, chunk)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale", "window", "ring", "block_k", "num_splits", "num_warps", "num_stages",
+        "interpret",
+    ),
+)
+def decode_attention(
+    q: jax.Array,
+    k: QuantizedTensor,
+    v: QuantizedTensor,
+    lengths: jax.Array,
+    *,
+    sm_scale: float,
+    window: int | None,
+    ring: bool,
+    sinks: jax.Array | None,
+    block_k: int = 64,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> jax.Array:
+    """q [B, Hq, D]; k, v stored [B, Hkv, S, D]; lengths int32 [B] -> [B, Hq, D] in q's dtype."""
+    codec = get_codec(k.fmt)
+    batch, num_heads, head_dim = q.shape
+    kv_heads, capacity = k.shape[1], k.shape[2]
+    group = num_heads // kv_heads
+    num_planes = codec.elements_per_datum
+    rows = max(_MIN_QUERY_ROWS, pl.next_power_of_2(group))
+    compute_dtype = _compute_dtype(k.fmt)
+    chunk, splits = _plan_splits(batch, kv_heads, capacity, block_k, num_splits)
+
+    # [B, Hkv, planes, rows, D / planes]: plane p holds columns p, p + P, ...
+    qg = (q.astype(jnp.float32) * sm_scale).reshape(batch, kv_heads, group, head_dim)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    q_planes = qg.reshape(batch, kv_heads, rows, head_dim // num_planes, num_planes)
+    q_planes = q_planes.transpose(0, 1, 4, 2, 3).astype(compute_dtype)
+
+    ones = jnp.ones((), jnp.float32)
+    global_scales = jnp.stack([
+        ones if k.global_scale is None else k.global_scale,
+        ones if v.global_scale is None else v.global_scale,
+    ])
+    has_scales = k.scales is not None
+    stored = [k.data, k.scales, v.data, v.scales] if has_scales else [k.data, v.data]
+
+    def whole_rows(x):
+        return pl.BlockSpec((None, None, capacity, x.shape[-1]), lambda b, h, s: (b, h, 0, 0))
+
+    plane_width = head_dim // num_planes
+    kernel = functools.partial(
+        _kernel,
+        codec=codec,
+        has_scales=has_scales,
+        block_k=block_k,
+        chunk=chunk,
+        capacity=capacity,
+        window=window,
+        ring=ring,
+        compute_dtype=compute_dtype,
+    )
+    out, peak, total = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, splits),
+        in_specs=[
+            pl.BlockSpec((None,), lambda b, h, s: (b,)),
+            pl.BlockSpec((2,), lambda b, h, s: (0,)),
+            pl.BlockSpec((None, None, num_planes, rows, plane_width), lambda b, h, s: (b, h, 0, 0, 0)),
+            *[whole_rows(x) for x in stored],
+        ],
+        out_specs=[
+            pl.BlockSpec(
+                (None, None, None, num_planes, rows, plane_width),
+                lambda b, h, s: (b, h, s, 0, 0, 0),
+            ),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, num_planes, rows, plane_width), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"decode_attention_{k.fmt}",
+    )(lengths.astype(jnp.int32), global_scales, q_planes, *stored)
+    return _merge_splits(out, peak, total, sinks, group, q.dtype)
+
+
+def _merge_splits(out, peak, total, sinks, group, dtype):
+    """Combines per-split (unnormalized out, running max, sum) into the attention output.
+
+    out [B, Hkv, splits, P, rows, D/P]; peak, total [B, Hkv, splits, rows].
+    """
+    batch, kv_heads, _, num_planes, rows, plane_width = out.shape
+    best = jnp.max(peak, axis=2)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(kv_heads, group)
+        sink = jnp.pad(sink, ((0, 0), (0, rows - group)), constant_values=_MASKED)[None]
+        best = jnp.maximum(best, sink)
+    weight = jnp.exp(peak - best[:, :, None])
+    denominator = jnp.sum(total * weight, axis=2)
+    if sinks is not None:
+        denominator += jnp.exp(sink - best)
+    merged = jnp.sum(out * weight[:, :, :, None, :, None], axis=2)
+    merged = merged / denominator[:, :, None, :, None]
+    # [B, Hkv, P, rows, D/P] -> [B, Hkv, rows, D] with column c = plane c % P.
+    merged = merged.transpose(0, 1, 3, 4, 2).reshape(batch, kv_heads, rows, -1)
+    return merged[:, :, :group].reshape(batch, kv_heads * group, -1).astype(dtype)

@@ -1,0 +1,59 @@
+"""Float32 reference for decode attention over a stored layer: dequantize, then attend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fp4kv_jax.formats import dequantize
+
+
+def attended_mask(
+    lengths: jax.Array, capacity: int, window: int | None, ring: bool
+) -> jax.Array:
+    """bool [B, capacity]: the slots a query at position length - 1 attends to.
+
+    Positions p < length; with a window, only p >= length - window (the last `window`
+    positions, the query's own included). In a ring buffer slot s holds the newest
+    position p < length with p % capacity == s.
+    """
+    slots = jnp.arange(capacity)[None, :]
+    lengths = lengths[:, None]
+    positions = lengths - 1 - (lengths - 1 - slots) % capacity if ring else slots
+    mask = (positions >= 0) & (positions < lengths)
+    if window is not None:
+        mask &= positions >= lengths - window
+    return mask
+
+
+def decode_attention(
+    q: jax.Array,
+    k,
+    v,
+    lengths: jax.Array,
+    *,
+    sm_scale: float,
+    window: int | None,
+    ring: bool,
+    sinks: jax.Array | None,
+) -> jax.Array:
+    """q float [B, Hq, D]; k, v QuantizedTensor [B, Hkv, S, D] -> float32 [B, Hq, D]."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, capacity = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    keys = dequantize(k)
+    values = dequantize(v)
+    qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
+    scores = jnp.einsum("bhgd,bhsd->bhgs", qg, keys, precision="highest") * sm_scale
+    mask = attended_mask(lengths, capacity, window, ring)[:, None, None, :]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(1, num_kv_heads, group, 1)
+        peak = jnp.maximum(peak, sink)
+    weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
+    denominator = jnp.sum(weights, axis=-1, keepdims=True)
+    if sinks is not None:
+        denominator += jnp.exp(sink - peak)
+    out = jnp.einsum("bhgs,bhsd->bhgd", weights / denominator, values, precision="highest")
+    return out.reshape(batch, num_heads, head_dim)
