@@ -74,7 +74,8 @@ def _kernel(
         slots = block * block_k + jnp.arange(block_k)
         view = ref.at[pl.ds(block * block_k, block_k), :]
         if tail_is_ragged:
-            return plgpu.load(view, mask=(slots < capacity)[:, None], other=0)
+            zero = jnp.zeros((), view.dtype)
+            return plgpu.load(view, mask=(slots < capacity)[:, None], other=zero)
         return view[...]
 
     def body(block, carry):

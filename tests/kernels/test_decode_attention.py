@@ -1,0 +1,145 @@
+"""decode_attention: the Pallas kernel (interpret mode on CPU) against the float32
+reference, and the reference against float64 numpy softmax attention."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fp4kv_jax import cache as C
+from fp4kv_jax.kernels.decode_attention import decode_attention
+from fp4kv_jax.models.configs import ModelConfig
+
+
+def _config(heads, kv_heads, head_dim, window=None):
+    return ModelConfig(
+        architecture="gpt_oss", vocab_size=8, hidden_size=64, intermediate_size=8,
+        num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        layer_types=("sliding_attention" if window else "full_attention",),
+        sliding_window=window,
+    )
+
+
+def _realistic_keys(key, shape):
+    """[B, T, Hkv, D] keys with a few outlier channels, rotated by RoPE."""
+    k = jax.random.normal(key, shape)
+    d = shape[-1]
+    k = k.at[..., jnp.array([1, d // 2 + 3])].multiply(10.0)
+    half = d // 2
+    angle = jnp.arange(shape[1])[:, None] / 10000.0 ** (jnp.arange(half) / half)
+    cos, sin = jnp.cos(angle)[None, :, None], jnp.sin(angle)[None, :, None]
+    k1, k2 = k[..., :half], k[..., half:]
+    return jnp.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
+
+
+def _filled_cache(seed, fmt, heads, kv_heads, head_dim, lengths, max_len, window=None, trim=False):
+    config = _config(heads, kv_heads, head_dim, window)
+    batch = len(lengths)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    k = _realistic_keys(keys[0], (batch, max_len, kv_heads, head_dim))
+    v = jax.random.normal(keys[1], (batch, max_len, kv_heads, head_dim))
+    cache = C.init_cache(config, batch, max_len, fmt, trim_sliding_layers=trim)
+    cache = C.update(cache, [k], [v], num_tokens=jnp.asarray(lengths))
+    q = jax.random.normal(keys[2], (batch, heads, head_dim), jnp.bfloat16)
+    return cache, q
+
+
+def _relative_error(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+CASES = [
+    # fmt, heads, kv_heads, head_dim, lengths, max_len, window, sinks
+    ("fp4_e2m1", 8, 1, 64, [1, 37, 80], 80, None, False),  # MQA, length 1, ragged
+    ("fp4_e2m1", 16, 1, 128, [50, 3], 50, 16, True),  # group 16, window, sinks
+    ("nvfp4", 4, 2, 128, [33, 64], 64, None, True),
+    ("mxfp4", 6, 3, 64, [70, 17], 72, 20, False),  # group 2
+    ("fp8_e4m3", 8, 2, 64, [40, 9], 45, None, False),
+    ("fp8_e5m2", 4, 4, 64, [12, 30], 30, 8, True),  # group 1
+    ("bf16", 12, 3, 128, [1, 55], 55, None, False),
+    ("fp16", 8, 2, 64, [21, 64], 64, None, True),
+    ("float32", 8, 4, 64, [33, 5], 40, None, False),
+]
+
+
+@pytest.mark.parametrize("fmt, heads, kv_heads, head_dim, lengths, max_len, window, sinks", CASES)
+def test_pallas_kernel_matches_reference(fmt, heads, kv_heads, head_dim, lengths, max_len, window, sinks):
+    cache, q = _filled_cache(len(lengths) * max_len + heads, fmt, heads, kv_heads, head_dim, lengths, max_len, window)
+    sink_logits = jnp.linspace(-2.0, 3.0, heads) if sinks else None
+    layer, lengths = cache.layers[0], cache.lengths
+    ref = decode_attention(q, layer, lengths, sinks=sink_logits, implementation="reference")
+    out = decode_attention(
+        q, layer, lengths, sinks=sink_logits, implementation="pallas_triton", block_k=16, num_splits=3
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))  # every element written
+    tolerance = 1e-5 if fmt == "float32" else 1e-2
+    assert _relative_error(out, ref) < tolerance
+
+
+def test_ring_buffer_layer_matches_the_untrimmed_cache():
+    kwargs = dict(fmt="fp4_e2m1", heads=4, kv_heads=2, head_dim=64, lengths=[45, 20], max_len=48, window=16)
+    full, q = _filled_cache(5, **kwargs)
+    ring, _ = _filled_cache(5, **kwargs, trim=True)
+    assert ring.layers[0].ring and ring.layers[0].capacity == 16
+    expected = decode_attention(q, full.layers[0], full.lengths, implementation="reference")
+    reference = decode_attention(q, ring.layers[0], ring.lengths, implementation="reference")
+    kernel = decode_attention(q, ring.layers[0], ring.lengths, implementation="pallas_triton", block_k=16)
+    assert _relative_error(reference, expected) < 1e-5
+    assert _relative_error(kernel, expected) < 1e-2
+
+
+def _numpy_attention(q, k, v, lengths, sm_scale, window, sinks):
+    """float64 softmax attention over dequantized [B, Hkv, S, D] keys and values."""
+    batch, heads, _ = q.shape
+    group = heads // k.shape[1]
+    out = np.zeros(q.shape)
+    for b in range(batch):
+        lo = 0 if window is None else max(0, lengths[b] - window)
+        for h in range(heads):
+            keys, values = k[b, h // group, lo : lengths[b]], v[b, h // group, lo : lengths[b]]
+            logits = keys @ q[b, h] * sm_scale
+            peak = max(logits.max(), sinks[h]) if sinks is not None else logits.max()
+            weights = np.exp(logits - peak)
+            total = weights.sum() + (np.exp(sinks[h] - peak) if sinks is not None else 0.0)
+            out[b, h] = weights @ values / total
+    return out
+
+
+@pytest.mark.parametrize("window, sinks", [(None, None), (7, np.linspace(-1.0, 2.0, 8))])
+def test_reference_matches_float64_numpy(window, sinks):
+    cache, q = _filled_cache(9, "nvfp4", 8, 2, 64, [25, 1], 32, window)
+    k, v, _ = C.read_layer(cache, 0)
+    lengths = np.asarray(cache.lengths)
+    q64 = np.asarray(q, np.float64)
+    expected = _numpy_attention(q64, np.asarray(k, np.float64), np.asarray(v, np.float64),
+                                lengths, 0.125, window, sinks)
+    out = decode_attention(q.astype(jnp.float32), cache.layers[0], cache.lengths,
+                           sinks=None if sinks is None else jnp.asarray(sinks), implementation="reference")
+    assert _relative_error(out, expected) < 1e-5
+
+
+def test_bad_arguments_are_named():
+    cache, q = _filled_cache(1, "bf16", 4, 2, 64, [3], 8)
+    layer = cache.layers[0]
+    with pytest.raises(ValueError, match="implementation: unknown 'cuda'; valid: reference, pallas_triton"):
+        decode_attention(q, layer, cache.lengths, implementation="cuda")
+    with pytest.raises(ValueError, match="q: 3 heads is not a multiple of the 2 KV heads"):
+        decode_attention(q[:, :3], layer, cache.lengths)
+    with pytest.raises(ValueError, match="sinks: expected shape"):
+        decode_attention(q, layer, cache.lengths, sinks=jnp.zeros(3))
+    with pytest.raises(ValueError, match="head_dim"):
+        decode_attention(q[..., :32], layer, cache.lengths)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4"])
+def test_compiled_kernel_matches_reference_on_gpu(fmt):
+    cache, q = _filled_cache(3, fmt, 64, 8, 128, [1, 1000, 333, 4096], 4096, None)
+    sinks = jnp.linspace(-1.0, 1.0, 64)
+    ref = decode_attention(q, cache.layers[0], cache.lengths, sinks=sinks, implementation="reference")
+    out = decode_attention(q, cache.layers[0], cache.lengths, sinks=sinks, implementation="pallas_triton")
+    assert _relative_error(out, ref) < 1e-2
