@@ -174,6 +174,33 @@ def ceil_log2_rounded(v: jax.Array) -> jax.Array:
     return k + (mantissa_of(v) > limit).astype(jnp.int32)
 
 
+def divide(x: jax.Array, divisor: jax.Array | float) -> jax.Array:
+    """x / divisor in float32, correctly rounded even under jit.
+
+    XLA rewrites a division by a broadcast value (a scalar or a per-block scale) into a
+    multiplication by its rounded reciprocal, an ulp off for some x, which changes
+    stored bytes. Dividing by a full array hidden behind an optimization barrier keeps
+    a true division.
+    """
+    divisor = jnp.broadcast_to(jnp.asarray(divisor, jnp.float32), x.shape)
+    return x / jax.lax.optimization_barrier(divisor)
+
+
+def round_to_float8(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """float32 w, already within dtype's finite range -> dtype, rounded once to nearest-even.
+
+    XLA's float32-to-float8 conversion on CPU can round twice (through a wider
+    format), which breaks ties; rounding on the float8 grid in float32 first makes the
+    final conversion exact.
+    """
+    finfo = jnp.finfo(dtype)
+    min_exponent, mantissa_bits = int(np.log2(float(finfo.smallest_normal))), finfo.nmant
+    exponent = jnp.maximum(exponent_of(jnp.abs(w)), min_exponent)
+    quantum = scale_by_pow2(jnp.ones_like(w), exponent - mantissa_bits)
+    rounded = jnp.round(w / quantum) * quantum
+    return jnp.where(jnp.isfinite(w), rounded, w).astype(dtype)
+
+
 def block_view(x: jax.Array, block_size: int) -> jax.Array:
     """[..., D] -> [..., D // block_size, block_size]."""
     return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)

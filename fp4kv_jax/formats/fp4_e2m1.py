@@ -35,7 +35,7 @@ class SglangFp4Codec(Codec):
         bad = e2m1.block_nonfinite(blocks)
         absmax = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0.0), axis=-1)
         exponent = e2m1.ceil_log2_rounded(
-            jnp.maximum(absmax / e2m1.MAX_MAGNITUDE, jnp.float32(_MIN_SCALED_ABSMAX))
+            jnp.maximum(e2m1.divide(absmax, e2m1.MAX_MAGNITUDE), jnp.float32(_MIN_SCALED_ABSMAX))
         )
         y = blocks * e2m1.exact_pow2(-exponent)[..., None]
         codes = e2m1.with_sign(e2m1.magnitude_index_ties_away(jnp.abs(y)), y)

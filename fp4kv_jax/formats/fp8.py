@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fp4kv_jax.formats import e2m1
 from fp4kv_jax.formats.base import Codec
 from fp4kv_jax.formats.registry import register
 
@@ -23,9 +24,9 @@ class Fp8Codec(Codec):
 
     def encode(self, x, global_scale):
         largest = float(jnp.finfo(self.data_dtype).max)
-        y = x / global_scale
+        y = e2m1.divide(x, global_scale)
         y = jnp.where(jnp.isfinite(y), jnp.clip(y, -largest, largest), jnp.nan)
-        return y.astype(self.data_dtype), None
+        return e2m1.round_to_float8(y, self.data_dtype), None
 
     def decode(self, data, scales, global_scale) -> jax.Array:
         return data.astype(jnp.float32) * global_scale

@@ -29,7 +29,7 @@ class Nvfp4Codec(Codec):
 
     def global_scale_for(self, x):
         amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0))
-        return jnp.where(amax > 0, amax / (e2m1.MAX_MAGNITUDE * E4M3_MAX), 1.0).astype(
+        return jnp.where(amax > 0, e2m1.divide(amax, e2m1.MAX_MAGNITUDE * E4M3_MAX), 1.0).astype(
             jnp.float32
         )
 
@@ -37,10 +37,11 @@ class Nvfp4Codec(Codec):
         blocks = e2m1.block_view(x, self.block_size)
         bad = e2m1.block_nonfinite(blocks)
         absmax = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0.0), axis=-1)
-        wanted = jnp.minimum(absmax / e2m1.MAX_MAGNITUDE / global_scale, E4M3_MAX)
-        block_scale = jnp.where(bad, jnp.nan, wanted).astype(jnp.float8_e4m3fn)
+        wanted = jnp.minimum(e2m1.divide(e2m1.divide(absmax, e2m1.MAX_MAGNITUDE), global_scale), E4M3_MAX)
+        block_scale = e2m1.round_to_float8(jnp.where(bad, jnp.nan, wanted), jnp.float8_e4m3fn)
         denom = block_scale.astype(jnp.float32) * global_scale
-        y = jnp.where(denom[..., None] > 0, blocks / denom[..., None], 0.0)
+        safe = jnp.where(denom > 0, denom, 1.0)[..., None]
+        y = jnp.where(denom[..., None] > 0, e2m1.divide(blocks, safe), 0.0)
         codes = e2m1.with_sign(e2m1.magnitude_index_nearest_even(jnp.abs(y)), y)
         codes = jnp.where(bad[..., None], jnp.uint8(0), codes).reshape(x.shape)
         return e2m1.pack(codes), block_scale
