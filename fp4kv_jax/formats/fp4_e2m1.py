@@ -5,7 +5,9 @@ Per block of 16 elements along head_dim:
   scale byte = e + 127                         (an all-zero block stores 94, 2**-33)
   y = x / 2**e; magnitude index = count of (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0) that
   |y| reaches (ties round away from zero); sign bit where y < 0.
-Dequantize: value(code) * 2**(byte - 127). The ceil scale means nothing saturates.
+Dequantize: value(code) * 2**(byte - 127). The ceil scale means nothing saturates on
+write; on read, the one value past float32's range (4.0 * 2**126, from inputs of
+|x| >= 3.5 * 2**126) saturates to float32's largest value.
 A block holding NaN or an infinity stores scale byte 255 and reads back as NaN; that
 is our choice, SGLang leaves it undefined.
 """
@@ -47,6 +49,9 @@ class SglangFp4Codec(Codec):
         values = e2m1.block_view(e2m1.code_values(e2m1.unpack(data)), self.block_size)
         exponent = scales.astype(jnp.int32) - 127
         out = e2m1.scale_by_pow2(values, exponent[..., None])
+        # Code 4.0 under scale byte 253 is 2**128, one binade past float32: saturate it.
+        largest = jnp.finfo(jnp.float32).max
+        out = jnp.clip(out, -largest, largest)
         out = jnp.where((scales == NONFINITE_SCALE)[..., None], jnp.nan, out)
         return out.reshape(*data.shape[:-1], -1)
 

@@ -25,7 +25,7 @@ class Fp8Codec(Codec):
     def encode(self, x, global_scale):
         largest = float(jnp.finfo(self.data_dtype).max)
         y = e2m1.divide(x, global_scale)
-        y = jnp.where(jnp.isfinite(y), jnp.clip(y, -largest, largest), jnp.nan)
+        y = jnp.where(jnp.isfinite(x), jnp.clip(y, -largest, largest), jnp.nan)
         return e2m1.round_to_float8(y, self.data_dtype), None
 
     def decode(self, data, scales, global_scale) -> jax.Array:

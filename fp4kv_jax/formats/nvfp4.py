@@ -37,7 +37,9 @@ class Nvfp4Codec(Codec):
         blocks = e2m1.block_view(x, self.block_size)
         bad = e2m1.block_nonfinite(blocks)
         absmax = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0.0), axis=-1)
-        wanted = jnp.minimum(e2m1.divide(e2m1.divide(absmax, e2m1.MAX_MAGNITUDE), global_scale), E4M3_MAX)
+        # The barrier stops XLA from reassociating (absmax / 6) / g into absmax / (6 g).
+        per_six = jax.lax.optimization_barrier(e2m1.divide(absmax, e2m1.MAX_MAGNITUDE))
+        wanted = jnp.minimum(e2m1.divide(per_six, global_scale), E4M3_MAX)
         block_scale = e2m1.round_to_float8(jnp.where(bad, jnp.nan, wanted), jnp.float8_e4m3fn)
         denom = block_scale.astype(jnp.float32) * global_scale
         safe = jnp.where(denom > 0, denom, 1.0)[..., None]

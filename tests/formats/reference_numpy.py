@@ -251,7 +251,7 @@ def fp8_encode(x: np.ndarray, fmt: str, global_scale=None) -> np.ndarray:
     largest = np.float32(ml_dtypes.finfo(dtype).max)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         y = (x / g).astype(np.float32)
-    y = np.where(np.isfinite(y), np.clip(y, -largest, largest), np.float32(np.nan))
+    y = np.where(np.isfinite(x), np.clip(y, -largest, largest), np.float32(np.nan))
     return y.astype(dtype)
 
 
