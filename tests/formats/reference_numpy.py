@@ -40,7 +40,8 @@ nvfp4 (NVIDIA), blocks of 16, float32 global scale g:
   power of two).
 
 fp8_e4m3 / fp8_e5m2: data = float8(clip(x / g, -max, max)) with max the format's largest
-  finite value; non-finite x / g is stored as NaN; default g = 1.0; decode data * g.
+  finite value; non-finite x is stored as NaN (a finite x whose x / g overflows
+  saturates); default g = 1.0; decode data * g.
 
 bf16 / fp16 / float32: a cast; fp16 (and bf16) saturate finite values at their largest
   finite value instead of overflowing to inf.
