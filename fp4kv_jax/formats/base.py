@@ -82,16 +82,22 @@ class Codec(abc.ABC):
         """(data, scales) -> float32 [..., D]."""
 
     def decode_planes(
-        self, data: jax.Array, scales: jax.Array | None, global_scale: jax.Array | None
+        self, data: jax.Array, scales: jax.Array | None, *, ptx: bool
     ) -> tuple[jax.Array, ...]:
-        """Decodes a tile [rows, ...] inside a kernel, one float32 plane per element of a datum.
+        """Decodes a tile [rows, ...] inside a kernel, one plane per element of a datum.
 
         Plane i holds the logical columns i, i + P, i + 2P, ... (P = elements_per_datum),
         so packed formats need no in-register interleave: a kernel splits its queries
-        the same way and sums the per-plane dot products. Uses only ops that Pallas
-        lowers to Triton (bit ops, bitcasts, broadcasts, reshapes; no gathers).
+        the same way and sums the per-plane dot products. The planes are the stored
+        values divided by the tensor's global scale (if any), which the kernel folds
+        into its queries or outputs instead of multiplying every element. Each value is
+        exact in bf16, so kernels may cast planes to bf16 losslessly.
+
+        With `ptx=True` (compiled for an NVIDIA GPU) a codec may use inline PTX; the
+        result must equal the `ptx=False` path, which uses only ops Pallas lowers to
+        Triton and runs in interpret mode.
         """
-        return (self.decode(data, scales, global_scale),)
+        return (data,)
 
     def global_scale_for(self, x: jax.Array) -> jax.Array | None:
         """The global scale to use for `x` when the caller gives none."""

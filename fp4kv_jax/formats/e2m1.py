@@ -66,32 +66,50 @@ def code_values(codes: jax.Array) -> jax.Array:
     return jnp.asarray(VALUES)[codes.astype(jnp.int32)]
 
 
-# value_times_2_pow_minus_14 returns E2M1 values scaled by this power of two.
-BITS_DECODE_SCALE = 2.0**-14
-
-
-def value_times_2_pow_minus_14(codes: jax.Array) -> jax.Array:
-    """E2M1 codes (uint8) -> float32 value(code) * 2**-14, by bit ops alone.
-
-    The three magnitude bits placed at float16 bits 9-11 and the sign at bit 15 form
-    the float16 value(code) * 2**-14 (code 1, 0.5, lands on the float16 subnormal
-    2**-15). Kernels fold the 2**14 into the block scale.
-    """
-    c = codes.astype(jnp.uint16)
-    bits = ((c & 7) << 9) | ((c & 8) << 12)
-    return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
-
-
 def packed_planes(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Packed bytes [..., n] -> (even codes, odd codes), each uint8 [..., n]."""
     return packed & 0x0F, packed >> 4
 
 
+def value_by_bits(codes: jax.Array) -> jax.Array:
+    """E2M1 codes (uint8) -> float32 values, by bit ops alone (no table gather).
+
+    The three magnitude bits placed at float16 bits 9-11 and the sign at bit 15 form
+    the float16 value(code) * 2**-14 (code 1, 0.5, lands on the float16 subnormal
+    2**-15); the multiply by 2**14 is exact.
+    """
+    c = codes.astype(jnp.uint16)
+    bits = ((c & 7) << 9) | ((c & 8) << 12)
+    return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32) * 16384.0
+
+
 def expand_block_scales(scales: jax.Array, columns_per_block: int) -> jax.Array:
-    """float32 [rows, n] -> [rows, n * columns_per_block], each scale repeated."""
+    """[rows, n] -> [rows, n * columns_per_block], each scale repeated."""
     rows, n = scales.shape
     wide = jnp.broadcast_to(scales[:, :, None], (rows, n, columns_per_block))
     return wide.reshape(rows, n * columns_per_block)
+
+
+# Per 4 packed bytes: spread bytes 0,1 (then 2,3) into the two halves of a word; build
+# bf16 bits with the magnitude bits at 6-8 and the sign at 15, which reads as
+# value * 2**-126 (code 1 is the bf16 subnormal 2**-127); multiply by 2**126 (exact)
+# and by the block scale, two values per instruction. $0,$1 even plane; $2,$3 odd;
+# $4 the bytes; $5,$6 the bf16 scales of elements (0,1) and (2,3).
+_PTX_DECODE = """{
+.reg .b32 z, lo, hi, m, s, k;
+mov.b32 z, 0;
+mov.b32 k, 0x7E807E80;
+prmt.b32 lo, $4, z, 0x4140;
+prmt.b32 hi, $4, z, 0x4342;
+shl.b32 m, lo, 6; shl.b32 s, lo, 12; and.b32 s, s, 0x80008000;
+lop3.b32 m, m, 0x01C001C0, s, 0xEA; mul.rn.bf16x2 m, m, k; mul.rn.bf16x2 $0, m, $5;
+shl.b32 m, hi, 6; shl.b32 s, hi, 12; and.b32 s, s, 0x80008000;
+lop3.b32 m, m, 0x01C001C0, s, 0xEA; mul.rn.bf16x2 m, m, k; mul.rn.bf16x2 $1, m, $6;
+shl.b32 m, lo, 2; shl.b32 s, lo, 8; and.b32 s, s, 0x80008000;
+lop3.b32 m, m, 0x01C001C0, s, 0xEA; mul.rn.bf16x2 m, m, k; mul.rn.bf16x2 $2, m, $5;
+shl.b32 m, hi, 2; shl.b32 s, hi, 8; and.b32 s, s, 0x80008000;
+lop3.b32 m, m, 0x01C001C0, s, 0xEA; mul.rn.bf16x2 m, m, k; mul.rn.bf16x2 $3, m, $6;
+}"""
 
 
 def exponent_byte_scale(scales: jax.Array, nan_byte: int) -> jax.Array:
@@ -104,11 +122,29 @@ def exponent_byte_scale(scales: jax.Array, nan_byte: int) -> jax.Array:
     return jnp.where(scales == nan_byte, jnp.nan, power)
 
 
-def decode_packed_planes(data: jax.Array, block_scale: jax.Array, block_size: int):
+def decode_packed_planes(data: jax.Array, block_scale: jax.Array, block_size: int, *, ptx: bool):
     """Packed tile uint8 [rows, D/2] and float32 block scales [rows, D/block] ->
-    (even, odd) float32 planes [rows, D/2] of the dequantized values."""
-    scale = expand_block_scales(block_scale / BITS_DECODE_SCALE, block_size // 2)
-    return tuple(value_times_2_pow_minus_14(c) * scale for c in packed_planes(data))
+    (even, odd) planes [rows, D/2] of value(code) * block scale.
+
+    The products are exact in bf16 when the block scale is (a power of two or an
+    e4m3 value), so the PTX path returns bf16 and the portable path float32 with the
+    same values.
+    """
+    scale = expand_block_scales(block_scale, block_size // 2)
+    if not ptx:
+        return tuple(value_by_bits(c) * scale for c in packed_planes(data))
+    from jax.experimental.pallas import triton as plgpu
+
+    plane = jax.ShapeDtypeStruct(data.shape, jnp.bfloat16)
+    return tuple(
+        plgpu.elementwise_inline_asm(
+            _PTX_DECODE,
+            args=[data, scale.astype(jnp.bfloat16)],
+            constraints="=r,=r,=r,=r,r,r,r",
+            pack=4,
+            result_shape_dtypes=[plane, plane],
+        )
+    )
 
 
 def exponent_of(x: jax.Array) -> jax.Array:

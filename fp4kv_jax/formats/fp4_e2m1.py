@@ -55,10 +55,8 @@ class SglangFp4Codec(Codec):
         out = jnp.where((scales == NONFINITE_SCALE)[..., None], jnp.nan, out)
         return out.reshape(*data.shape[:-1], -1)
 
-    def decode_planes(self, data, scales, global_scale):
-        return e2m1.decode_packed_planes(
-            data, e2m1.exponent_byte_scale(scales, NONFINITE_SCALE), self.block_size
-        )
+    def decode_planes(self, data, scales, *, ptx):
+        return e2m1.decode_packed_planes(data, e2m1.exponent_byte_scale(scales, NONFINITE_SCALE), self.block_size, ptx=ptx)
 
 
 register(SglangFp4Codec())

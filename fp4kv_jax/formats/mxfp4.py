@@ -43,10 +43,8 @@ class Mxfp4Codec(Codec):
         out = jnp.where((scales == E8M0_NAN)[..., None], jnp.nan, out)
         return out.reshape(*data.shape[:-1], -1)
 
-    def decode_planes(self, data, scales, global_scale):
-        return e2m1.decode_packed_planes(
-            data, e2m1.exponent_byte_scale(scales, E8M0_NAN), self.block_size
-        )
+    def decode_planes(self, data, scales, *, ptx):
+        return e2m1.decode_packed_planes(data, e2m1.exponent_byte_scale(scales, E8M0_NAN), self.block_size, ptx=ptx)
 
 
 register(Mxfp4Codec())

@@ -53,9 +53,9 @@ class Nvfp4Codec(Codec):
         out = values * (scales.astype(jnp.float32) * global_scale)[..., None]
         return out.reshape(*data.shape[:-1], -1)
 
-    def decode_planes(self, data, scales, global_scale):
-        block_scale = scales.astype(jnp.float32) * global_scale
-        return e2m1.decode_packed_planes(data, block_scale, self.block_size)
+    def decode_planes(self, data, scales, *, ptx):
+        block_scale = scales.astype(jnp.float32)
+        return e2m1.decode_packed_planes(data, block_scale, self.block_size, ptx=ptx)
 
 
 register(Nvfp4Codec())

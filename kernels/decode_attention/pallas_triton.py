@@ -37,7 +37,6 @@ def _compute_dtype(fmt: str) -> jnp.dtype:
 
 def _kernel(
     lengths_ref,
-    global_scales_ref,
     q_ref,
     *refs,
     codec,
@@ -48,6 +47,8 @@ def _kernel(
     window: int | None,
     ring: bool,
     compute_dtype,
+    prefetch: bool,
+    ptx: bool,
 ):
     if has_scales:
         k_data_ref, k_scales_ref, v_data_ref, v_scales_ref, o_ref, m_ref, l_ref = refs
@@ -57,7 +58,6 @@ def _kernel(
     num_planes = q_ref.shape[0]
     rows = q_ref.shape[1]
     length = lengths_ref[...]
-    k_global, v_global = global_scales_ref[0], global_scales_ref[1]
     precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
 
     split_start = pl.program_id(2) * chunk
@@ -78,10 +78,23 @@ def _kernel(
             return plgpu.load(view, mask=(slots < capacity)[:, None], other=zero)
         return view[...]
 
+    stored_refs = (k_data_ref, k_scales_ref, v_data_ref, v_scales_ref)
+    last_block = pl.cdiv(capacity, block_k) - 1
+
+    def load_block(block):
+        return tuple(load(ref, jnp.minimum(block, last_block)) for ref in stored_refs)
+
     def body(block, carry):
-        outs, peak, total = carry
+        outs, peak, total, tiles = carry
+        if prefetch:
+            # Issue the next block's loads before this block's math, so their latency
+            # hides behind it; the tiles wait in registers.
+            next_tiles = load_block(block + 1)
+        else:
+            tiles = load_block(block)
+        k_data, k_scales, v_data, v_scales = tiles
         slots = block * block_k + jnp.arange(block_k)
-        keys = codec.decode_planes(load(k_data_ref, block), load(k_scales_ref, block), k_global)
+        keys = codec.decode_planes(k_data, k_scales, ptx=ptx)
         scores = sum(
             plgpu.dot(qp, kp.astype(compute_dtype), trans_b=True, precision=precision)
             for qp, kp in zip(queries, keys)
@@ -95,23 +108,24 @@ def _kernel(
         correction = jnp.exp(peak - new_peak)
         weights = jnp.where(valid[None, :], jnp.exp(scores - new_peak[:, None]), 0.0)
         total = correction * total + jnp.sum(weights, axis=1)
-        values = codec.decode_planes(load(v_data_ref, block), load(v_scales_ref, block), v_global)
+        values = codec.decode_planes(v_data, v_scales, ptx=ptx)
         outs = tuple(
             correction[:, None] * o
             + plgpu.dot(weights.astype(compute_dtype), vp.astype(compute_dtype), precision=precision)
             for o, vp in zip(outs, values)
         )
-        return outs, new_peak, total
+        return outs, new_peak, total, (next_tiles if prefetch else carry[3])
 
     plane_width = q_ref.shape[2]
+    first = lo // block_k
+    last = jnp.where(hi > lo, pl.cdiv(hi, block_k), first)
     init = (
         tuple(jnp.zeros((rows, plane_width), jnp.float32) for _ in range(num_planes)),
         jnp.full((rows,), _MASKED, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
+        load_block(first) if prefetch else tuple(None for _ in stored_refs),
     )
-    first = lo // block_k
-    last = jnp.where(hi > lo, pl.cdiv(hi, block_k), first)
-    outs, peak, total = lax.fori_loop(first, last, body, init)
+    outs, peak, total, _ = lax.fori_loop(first, last, body, init)
     for p in range(num_planes):
         o_ref[p] = outs[p]
     m_ref[...] = peak
@@ -132,7 +146,7 @@ def _plan_splits(batch: int, kv_heads: int, capacity: int, block_k: int, num_spl
     jax.jit,
     static_argnames=(
         "sm_scale", "window", "ring", "block_k", "num_splits", "num_warps", "num_stages",
-        "interpret",
+        "prefetch", "interpret",
     ),
 )
 def decode_attention(
@@ -149,6 +163,7 @@ def decode_attention(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    prefetch: bool = True,
     interpret: bool = False,
 ) -> jax.Array:
     """q [B, Hq, D]; k, v stored [B, Hkv, S, D]; lengths int32 [B] -> [B, Hq, D] in q's dtype."""
@@ -161,17 +176,15 @@ def decode_attention(
     compute_dtype = _compute_dtype(k.fmt)
     chunk, splits = _plan_splits(batch, kv_heads, capacity, block_k, num_splits)
 
+    # The planes exclude the global scales: K's joins the queries, V's the output.
+    k_global = 1.0 if k.global_scale is None else k.global_scale
+    v_global = 1.0 if v.global_scale is None else v.global_scale
     # [B, Hkv, planes, rows, D / planes]: plane p holds columns p, p + P, ...
-    qg = (q.astype(jnp.float32) * sm_scale).reshape(batch, kv_heads, group, head_dim)
+    qg = (q.astype(jnp.float32) * (sm_scale * k_global)).reshape(batch, kv_heads, group, head_dim)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     q_planes = qg.reshape(batch, kv_heads, rows, head_dim // num_planes, num_planes)
     q_planes = q_planes.transpose(0, 1, 4, 2, 3).astype(compute_dtype)
 
-    ones = jnp.ones((), jnp.float32)
-    global_scales = jnp.stack([
-        ones if k.global_scale is None else k.global_scale,
-        ones if v.global_scale is None else v.global_scale,
-    ])
     has_scales = k.scales is not None
     stored = [k.data, k.scales, v.data, v.scales] if has_scales else [k.data, v.data]
 
@@ -189,13 +202,14 @@ def decode_attention(
         window=window,
         ring=ring,
         compute_dtype=compute_dtype,
+        prefetch=prefetch,
+        ptx=not interpret,
     )
     out, peak, total = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, splits),
         in_specs=[
             pl.BlockSpec((None,), lambda b, h, s: (b,)),
-            pl.BlockSpec((2,), lambda b, h, s: (0,)),
             pl.BlockSpec((None, None, num_planes, rows, plane_width), lambda b, h, s: (b, h, 0, 0, 0)),
             *[whole_rows(x) for x in stored],
         ],
@@ -215,12 +229,12 @@ def decode_attention(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"decode_attention_{k.fmt}",
-    )(lengths.astype(jnp.int32), global_scales, q_planes, *stored)
-    return _merge_splits(out, peak, total, sinks, group, q.dtype)
+    )(lengths.astype(jnp.int32), q_planes, *stored)
+    return (_merge_splits(out, peak, total, sinks, group) * v_global).astype(q.dtype)
 
 
-def _merge_splits(out, peak, total, sinks, group, dtype):
-    """Combines per-split (unnormalized out, running max, sum) into the attention output.
+def _merge_splits(out, peak, total, sinks, group):
+    """Combines per-split (unnormalized out, running max, sum) into float32 [B, Hq, D].
 
     out [B, Hkv, splits, P, rows, D/P]; peak, total [B, Hkv, splits, rows].
     """
@@ -238,4 +252,4 @@ def _merge_splits(out, peak, total, sinks, group, dtype):
     merged = merged / denominator[:, :, None, :, None]
     # [B, Hkv, P, rows, D/P] -> [B, Hkv, rows, D] with column c = plane c % P.
     merged = merged.transpose(0, 1, 3, 4, 2).reshape(batch, kv_heads, rows, -1)
-    return merged[:, :, :group].reshape(batch, kv_heads * group, -1).astype(dtype)
+    return merged[:, :, :group].reshape(batch, kv_heads * group, -1)
