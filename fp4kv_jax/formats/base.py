@@ -68,6 +68,8 @@ class Codec(abc.ABC):
     scale_dtype: ClassVar[jnp.dtype | None] = None
     # Whether the format carries a float32 tensor-wide scale.
     has_global_scale: ClassVar[bool] = False
+    # decode_planes returns values times 2**plane_exponent (see there).
+    plane_exponent: ClassVar[int] = 0
 
     @abc.abstractmethod
     def encode(
@@ -89,9 +91,10 @@ class Codec(abc.ABC):
         Plane i holds the logical columns i, i + P, i + 2P, ... (P = elements_per_datum),
         so packed formats need no in-register interleave: a kernel splits its queries
         the same way and sums the per-plane dot products. The planes are the stored
-        values divided by the tensor's global scale (if any), which the kernel folds
-        into its queries or outputs instead of multiplying every element. Each value is
-        exact in bf16, so kernels may cast planes to bf16 losslessly.
+        values divided by the tensor's global scale (if any) and times
+        2**plane_exponent; the kernel folds both into its queries or outputs instead
+        of touching every element. Each value is exact in bf16, so kernels may cast
+        planes to bf16 losslessly.
 
         With `ptx=True` (compiled for an NVIDIA GPU) a codec may use inline PTX; the
         result must equal the `ptx=False` path, which uses only ops Pallas lowers to

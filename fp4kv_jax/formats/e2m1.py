@@ -90,26 +90,35 @@ def expand_block_scales(scales: jax.Array, columns_per_block: int) -> jax.Array:
     return wide.reshape(rows, n * columns_per_block)
 
 
-# Per 4 packed bytes: spread bytes 0,1 (then 2,3) into the two halves of a word; build
-# bf16 bits with the magnitude bits at 6-8 and the sign at 15, which reads as
-# value * 2**-126 (code 1 is the bf16 subnormal 2**-127); multiply by 2**126 (exact)
-# and by the block scale, two values per instruction. $0,$1 even plane; $2,$3 odd;
-# $4 the bytes; $5,$6 the bf16 scales of elements (0,1) and (2,3).
-_PTX_DECODE = """{
-.reg .b32 z, lo, hi, m, s, k;
-mov.b32 z, 0;
-mov.b32 k, 0x7E807E80;
-prmt.b32 lo, $4, z, 0x4140;
-prmt.b32 hi, $4, z, 0x4342;
-shl.b32 m, lo, 6; shl.b32 s, lo, 12; and.b32 s, s, 0x80008000;
-lop3.b32 m, m, 0x01C001C0, s, 0xEA; mul.rn.bf16x2 m, m, k; mul.rn.bf16x2 $0, m, $5;
-shl.b32 m, hi, 6; shl.b32 s, hi, 12; and.b32 s, s, 0x80008000;
-lop3.b32 m, m, 0x01C001C0, s, 0xEA; mul.rn.bf16x2 m, m, k; mul.rn.bf16x2 $1, m, $6;
-shl.b32 m, lo, 2; shl.b32 s, lo, 8; and.b32 s, s, 0x80008000;
-lop3.b32 m, m, 0x01C001C0, s, 0xEA; mul.rn.bf16x2 m, m, k; mul.rn.bf16x2 $2, m, $5;
-shl.b32 m, hi, 2; shl.b32 s, hi, 8; and.b32 s, s, 0x80008000;
-lop3.b32 m, m, 0x01C001C0, s, 0xEA; mul.rn.bf16x2 m, m, k; mul.rn.bf16x2 $3, m, $6;
-}"""
+# Kernels receive E2M1 planes scaled by 2**PLANE_EXPONENT and undo it on their queries
+# and outputs: the bit decode below yields value * 2**-126, and folding 2**63 of that
+# into the block scale leaves one multiply per pair of values.
+PLANE_EXPONENT = -63
+
+
+def _ptx_decode(nibble_shift: int) -> str:
+    """PTX decoding one nibble of each of 4 packed bytes into 4 bf16 values.
+
+    Bytes 0,1 (then 2,3) are spread into the two halves of a word; the nibble's
+    magnitude bits go to bf16 bits 6-8 and its sign to bit 15, which reads as
+    value * 2**-126 (code 1 is the bf16 subnormal 2**-127); one multiply by the block
+    scale times 2**63 finishes two values per instruction. Operands: $0, $1 the bf16
+    pairs out; $2 the 4 bytes; $3, $4 the bf16 scale pairs.
+    """
+    magnitude, sign = 6 - nibble_shift, 12 - nibble_shift
+    pair = """shl.b32 m, {w}, {magnitude}; shl.b32 s, {w}, {sign}; and.b32 s, s, 0x80008000;
+lop3.b32 m, m, 0x01C001C0, s, 0xEA; mul.rn.bf16x2 {out}, m, {scale};
+"""
+    return (
+        "{\n.reg .b32 z, lo, hi, m, s;\nmov.b32 z, 0;\n"
+        "prmt.b32 lo, $2, z, 0x4140;\nprmt.b32 hi, $2, z, 0x4342;\n"
+        + pair.format(w="lo", magnitude=magnitude, sign=sign, out="$0", scale="$3")
+        + pair.format(w="hi", magnitude=magnitude, sign=sign, out="$1", scale="$4")
+        + "}"
+    )
+
+
+_PTX_EVEN, _PTX_ODD = _ptx_decode(0), _ptx_decode(4)
 
 
 def exponent_byte_scale(scales: jax.Array, nan_byte: int) -> jax.Array:
@@ -124,26 +133,25 @@ def exponent_byte_scale(scales: jax.Array, nan_byte: int) -> jax.Array:
 
 def decode_packed_planes(data: jax.Array, block_scale: jax.Array, block_size: int, *, ptx: bool):
     """Packed tile uint8 [rows, D/2] and float32 block scales [rows, D/block] ->
-    (even, odd) planes [rows, D/2] of value(code) * block scale.
+    (even, odd) planes [rows, D/2] of value(code) * block scale * 2**PLANE_EXPONENT.
 
-    The products are exact in bf16 when the block scale is (a power of two or an
-    e4m3 value), so the PTX path returns bf16 and the portable path float32 with the
-    same values.
+    The products are exact in bf16 when the block scale is a power of two below
+    2**64 or an e4m3 value, so the PTX path returns bf16 and the portable path
+    float32 with the same values. Block scales of 2**62 or more (|x| above about
+    2**64) overflow to inf here; the reference path has no such limit.
     """
-    scale = expand_block_scales(block_scale, block_size // 2)
+    scale = expand_block_scales(block_scale * 2.0**-PLANE_EXPONENT, block_size // 2)
     if not ptx:
-        return tuple(value_by_bits(c) * scale for c in packed_planes(data))
+        return tuple(value_by_bits(c) * scale * 2.0**-126 for c in packed_planes(data))
     from jax.experimental.pallas import triton as plgpu
 
     plane = jax.ShapeDtypeStruct(data.shape, jnp.bfloat16)
+    scale = scale.astype(jnp.bfloat16)
     return tuple(
         plgpu.elementwise_inline_asm(
-            _PTX_DECODE,
-            args=[data, scale.astype(jnp.bfloat16)],
-            constraints="=r,=r,=r,=r,r,r,r",
-            pack=4,
-            result_shape_dtypes=[plane, plane],
-        )
+            asm, args=[data, scale], constraints="=r,=r,r,r,r", pack=4, result_shape_dtypes=[plane]
+        )[0]
+        for asm in (_PTX_EVEN, _PTX_ODD)
     )
 
 

@@ -29,6 +29,7 @@ class SglangFp4Codec(Codec):
     name = "fp4_e2m1"
     data_dtype = jnp.uint8
     elements_per_datum = 2
+    plane_exponent = e2m1.PLANE_EXPONENT
     block_size = 16
     scale_dtype = jnp.uint8
 

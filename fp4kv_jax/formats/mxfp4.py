@@ -23,6 +23,7 @@ class Mxfp4Codec(Codec):
     name = "mxfp4"
     data_dtype = jnp.uint8
     elements_per_datum = 2
+    plane_exponent = e2m1.PLANE_EXPONENT
     block_size = 32
     scale_dtype = jnp.uint8
 

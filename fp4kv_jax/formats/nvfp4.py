@@ -23,6 +23,7 @@ class Nvfp4Codec(Codec):
     name = "nvfp4"
     data_dtype = jnp.uint8
     elements_per_datum = 2
+    plane_exponent = e2m1.PLANE_EXPONENT
     block_size = 16
     scale_dtype = jnp.float8_e4m3fn
     has_global_scale = True

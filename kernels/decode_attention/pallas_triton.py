@@ -29,10 +29,15 @@ _DEFAULT_SMS = 132
 
 
 def _compute_dtype(fmt: str) -> jnp.dtype:
-    """float32 and fp16 caches keep their precision in the dots; the rest use bf16,
-    which holds every FP4 and FP8 value exactly."""
+    """The dot operands' dtype: float32 and fp16 caches keep theirs; float8 data
+    becomes fp16 (one hardware convert per two values, exact, and within fp16's
+    range since the global scale is folded into the queries); FP4 planes are bf16."""
     data_dtype = jnp.dtype(get_codec(fmt).data_dtype)
-    return data_dtype if data_dtype in (jnp.float32, jnp.float16) else jnp.dtype(jnp.bfloat16)
+    if data_dtype in (jnp.float32, jnp.float16):
+        return data_dtype
+    if jnp.issubdtype(data_dtype, jnp.floating) and data_dtype.itemsize == 1:
+        return jnp.dtype(jnp.float16)
+    return jnp.dtype(jnp.bfloat16)
 
 
 def _kernel(
@@ -163,7 +168,7 @@ def decode_attention(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-    prefetch: bool = True,
+    prefetch: bool | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """q [B, Hq, D]; k, v stored [B, Hkv, S, D]; lengths int32 [B] -> [B, Hq, D] in q's dtype."""
@@ -175,10 +180,16 @@ def decode_attention(
     rows = max(_MIN_QUERY_ROWS, pl.next_power_of_2(group))
     compute_dtype = _compute_dtype(k.fmt)
     chunk, splits = _plan_splits(batch, kv_heads, capacity, block_k, num_splits)
+    if prefetch is None:
+        # Measured on H100 (docs/benchmarks.md): prefetching pays for packed FP4 tiles,
+        # whose decode is long enough to hide the next block's loads behind.
+        prefetch = num_planes > 1
 
-    # The planes exclude the global scales: K's joins the queries, V's the output.
-    k_global = 1.0 if k.global_scale is None else k.global_scale
-    v_global = 1.0 if v.global_scale is None else v.global_scale
+    # The planes exclude the global scales and carry 2**plane_exponent: K's factor
+    # joins the queries, V's the output.
+    plane_factor = 2.0**-codec.plane_exponent
+    k_global = plane_factor * (1.0 if k.global_scale is None else k.global_scale)
+    v_global = plane_factor * (1.0 if v.global_scale is None else v.global_scale)
     # [B, Hkv, planes, rows, D / planes]: plane p holds columns p, p + P, ...
     qg = (q.astype(jnp.float32) * (sm_scale * k_global)).reshape(batch, kv_heads, group, head_dim)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
