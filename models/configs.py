@@ -226,6 +226,9 @@ def config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> ModelCon
         # Qwen configs carry a sliding_window value that is off unless use_sliding_window.
         layer_types, sliding_window = (), None
     architecture = _MODEL_TYPES[model_type]
+    for key, supported in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):
+        if key in cfg and cfg[key] != supported:
+            raise ValueError(f"{source}: {key}={cfg[key]} is not supported; the model uses {supported}.")
     return ModelConfig(
         architecture=architecture,
         vocab_size=cfg["vocab_size"],

@@ -1,0 +1,46 @@
+"""Float32 reference for prefill attention over a stored layer: dequantize, then attend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fp4kv_jax.formats import dequantize
+
+
+def slot_positions(start: jax.Array, chunk: int, capacity: int, ring: bool) -> jax.Array:
+    """int32 [B, capacity]: the position each slot holds once the chunk is written.
+
+    Slots past the end hold positions >= start + chunk, which no query attends to.
+    """
+    slots = jnp.arange(capacity)[None, :]
+    if not ring:
+        return jnp.broadcast_to(slots, (start.shape[0], capacity))
+    end = (start + chunk)[:, None]
+    return end - 1 - (end - 1 - slots) % capacity
+
+
+def prefill_attention(q, k, v, start, *, sm_scale, window, ring, sinks):
+    """q [B, T, Hq, D]; k, v QuantizedTensor [B, Hkv, S, D]; start int32 [B] -> f32 [B, T, Hq, D]."""
+    batch, chunk, num_heads, head_dim = q.shape
+    num_kv_heads, capacity = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    keys, values = dequantize(k), dequantize(v)
+    qg = q.astype(jnp.float32).reshape(batch, chunk, num_kv_heads, group, head_dim)
+    scores = jnp.einsum("bthgd,bhsd->bhgts", qg, keys, precision="highest") * sm_scale
+    query_pos = (start[:, None] + jnp.arange(chunk)[None, :])[:, None, None, :, None]
+    key_pos = slot_positions(start, chunk, capacity, ring)[:, None, None, None, :]
+    mask = (key_pos >= 0) & (key_pos <= query_pos)
+    if window is not None:
+        mask &= key_pos > query_pos - window
+    scores = jnp.where(mask, scores, -jnp.inf)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(1, num_kv_heads, group, 1, 1)
+        peak = jnp.maximum(peak, sink)
+    weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
+    denominator = jnp.sum(weights, axis=-1, keepdims=True)
+    if sinks is not None:
+        denominator += jnp.exp(sink - peak)
+    out = jnp.einsum("bhgts,bhsd->bthgd", weights / denominator, values, precision="highest")
+    return out.reshape(batch, chunk, num_heads, head_dim)
