@@ -115,3 +115,18 @@ def test_orbax_round_trip_reproduces_the_model_exactly(tmp_path):
     assert reloaded.config == model.config
     with pytest.raises(FileExistsError, match="directory"):
         save_pretrained(model, tmp_path / "qwen3")
+
+
+def test_hf_directory_with_tokenizer_json_loads_it(tmp_path):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    target = tmp_path / "llama"
+    shutil.copytree(FIXTURES / "llama", target)
+    tokenizer = Tokenizer(models.WordLevel({"hello": 3, "world": 4, "[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(target / "tokenizer.json"))
+    model = from_pretrained(target, dtype=jnp.float32)
+    assert model.tokenizer.encode("hello world").ids == [3, 4]
+    assert from_pretrained(FIXTURES / "llama", dtype=jnp.float32).tokenizer is None
