@@ -14,6 +14,7 @@ from flax import nnx
 
 from fp4kv_jax import cache as kv_cache
 from fp4kv_jax.kernels.decode_attention import decode_attention
+from fp4kv_jax.kernels.masked_softmax import masked_softmax
 from fp4kv_jax.kernels.prefill_attention import prefill_attention
 from fp4kv_jax.models.configs import ModelConfig
 from fp4kv_jax.models.layers import Linear, RMSNorm, apply_rope, rope_inverse_frequencies
@@ -31,16 +32,9 @@ def causal_attention(q, k, v, *, window=None, sinks=None):
     mask = pos[None, :] <= pos[:, None]
     if window is not None:
         mask &= pos[None, :] > pos[:, None] - window
-    scores = jnp.where(mask, scores, -jnp.inf)
-    peak = jnp.max(scores, axis=-1, keepdims=True)
-    if sinks is not None:
-        sink = sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1, 1)
-        peak = jnp.maximum(peak, sink)
-    weights = jnp.exp(scores - peak)
-    denominator = jnp.sum(weights, axis=-1, keepdims=True)
-    if sinks is not None:
-        denominator += jnp.exp(sink - peak)
-    out = jnp.einsum("bhgts,bshd->bthgd", weights / denominator, v.astype(jnp.float32), precision="highest")
+    sink = None if sinks is None else sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1, 1)
+    probs = masked_softmax(scores, mask, sink)
+    out = jnp.einsum("bhgts,bshd->bthgd", probs, v.astype(jnp.float32), precision="highest")
     return out.reshape(batch, chunk, heads, dim).astype(q.dtype)
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from fp4kv_jax.formats import dequantize
+from fp4kv_jax.kernels.masked_softmax import masked_softmax
 
 
 def attended_mask(
@@ -46,14 +47,7 @@ def decode_attention(
     qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
     scores = jnp.einsum("bhgd,bhsd->bhgs", qg, keys, precision="highest") * sm_scale
     mask = attended_mask(lengths, capacity, window, ring)[:, None, None, :]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    peak = jnp.max(scores, axis=-1, keepdims=True)
-    if sinks is not None:
-        sink = sinks.astype(jnp.float32).reshape(1, num_kv_heads, group, 1)
-        peak = jnp.maximum(peak, sink)
-    weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
-    denominator = jnp.sum(weights, axis=-1, keepdims=True)
-    if sinks is not None:
-        denominator += jnp.exp(sink - peak)
-    out = jnp.einsum("bhgs,bhsd->bhgd", weights / denominator, values, precision="highest")
+    sink = None if sinks is None else sinks.astype(jnp.float32).reshape(1, num_kv_heads, group, 1)
+    probs = masked_softmax(scores, mask, sink)
+    out = jnp.einsum("bhgs,bhsd->bhgd", probs, values, precision="highest")
     return out.reshape(batch, num_heads, head_dim)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from fp4kv_jax.formats import dequantize
+from fp4kv_jax.kernels.masked_softmax import masked_softmax
 
 
 def slot_positions(start: jax.Array, chunk: int, capacity: int, ring: bool) -> jax.Array:
@@ -33,14 +34,7 @@ def prefill_attention(q, k, v, start, *, sm_scale, window, ring, sinks):
     mask = (key_pos >= 0) & (key_pos <= query_pos)
     if window is not None:
         mask &= key_pos > query_pos - window
-    scores = jnp.where(mask, scores, -jnp.inf)
-    peak = jnp.max(scores, axis=-1, keepdims=True)
-    if sinks is not None:
-        sink = sinks.astype(jnp.float32).reshape(1, num_kv_heads, group, 1, 1)
-        peak = jnp.maximum(peak, sink)
-    weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
-    denominator = jnp.sum(weights, axis=-1, keepdims=True)
-    if sinks is not None:
-        denominator += jnp.exp(sink - peak)
-    out = jnp.einsum("bhgts,bhsd->bthgd", weights / denominator, values, precision="highest")
+    sink = None if sinks is None else sinks.astype(jnp.float32).reshape(1, num_kv_heads, group, 1, 1)
+    probs = masked_softmax(scores, mask, sink)
+    out = jnp.einsum("bhgts,bhsd->bthgd", probs, values, precision="highest")
     return out.reshape(batch, chunk, num_heads, head_dim)

@@ -1,7 +1,6 @@
 """decode_attention: the Pallas kernel (interpret mode on CPU) against the float32
 reference, and the reference against float64 numpy softmax attention."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
