@@ -30,8 +30,9 @@ _DEFAULT_SMS = 132
 
 def _compute_dtype(fmt: str) -> jnp.dtype:
     """The dot operands' dtype: float32 and fp16 caches keep theirs; float8 data
-    becomes fp16 (one hardware convert per two values, exact, and within fp16's
-    range since the global scale is folded into the queries); FP4 planes are bf16."""
+    becomes fp16 (one hardware convert per two values; every e4m3 and e5m2 value is
+    exact in fp16), with the global scale folded into the queries, which must then
+    stay within fp16's range; FP4 planes are bf16."""
     data_dtype = jnp.dtype(get_codec(fmt).data_dtype)
     if data_dtype in (jnp.float32, jnp.float16):
         return data_dtype
