@@ -45,6 +45,7 @@ class ModelConfig:
     num_experts: int = 0
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -68,6 +69,10 @@ class ModelConfig:
             raise ValueError(
                 f"num_kv_heads: {self.num_kv_heads} does not divide num_heads {self.num_heads}."
             )
+
+    def __hash__(self) -> int:
+        # rope_scaling is a dict; hash a canonical text so configs can be static in jit.
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
 
     def layer_window(self, layer: int) -> int | None:
         """The attention window of `layer` in positions, or None for full attention."""
@@ -117,6 +122,7 @@ _BUILTIN: dict[str, ModelConfig] = {
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         max_position_embeddings=8192,
+        eos_token_ids=(2,),
     ),
     "qwen3-8b": ModelConfig(
         architecture="qwen3",
@@ -205,6 +211,13 @@ def _rope(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | Non
     return float(theta), scaling
 
 
+def _token_ids(value) -> tuple[int, ...]:
+    """An HF `eos_token_id` (None, an int, or a list) as a tuple of ints."""
+    if value is None:
+        return ()
+    return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+
+
 def config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Parses an HF transformers config dict; unknown model types are refused."""
     model_type = cfg.get("model_type")
@@ -249,6 +262,7 @@ def config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> ModelCon
         sliding_window=sliding_window,
         num_experts=cfg.get("num_local_experts", cfg.get("num_experts", 0)),
         experts_per_token=cfg.get("num_experts_per_tok", cfg.get("experts_per_token", 0)),
+        eos_token_ids=_token_ids(cfg.get("eos_token_id")),
         moe_intermediate_size=cfg.get(
             "moe_intermediate_size", cfg.get("intermediate_size", 0) if model_type == "gpt_oss" else 0
         ),

@@ -75,6 +75,7 @@ def _load_orbax(directory: Path, dtype: jnp.dtype):
     fields = json.loads((directory / _ORBAX_CONFIG).read_text())
     saved_dtype = fields.pop("dtype")
     fields["layer_types"] = tuple(fields["layer_types"])
+    fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
     model = build_model(ModelConfig(**fields), saved_dtype)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model, nnx.Param))
     nnx.update(model, ocp.StandardCheckpointer().restore(directory / _ORBAX_STATE, abstract))

@@ -68,13 +68,13 @@ class Attention(nnx.Module):
         inv_freq, scale = rope
         return apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale), v
 
-    def __call__(self, x, positions, rope, cache, layer):
+    def __call__(self, x, positions, rope, cache, layer, num_tokens=None):
         q, k, v = self.project(x, positions, rope)
         sinks = None if self.sinks is None else self.sinks[...]
         if cache is None:
             out = causal_attention(q, k, v, window=self.config.layer_window(layer), sinks=sinks)
         else:
-            cache = kv_cache.write_layer(cache, layer, k, v)
+            cache = kv_cache.write_layer(cache, layer, k, v, num_tokens)
             stored = cache.layers[layer]
             if q.shape[1] == 1:
                 out = decode_attention(q[:, 0], stored, cache.lengths + 1, sinks=sinks)[:, None]
@@ -93,8 +93,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.mlp = mlp
 
-    def __call__(self, x, positions, rope, cache, layer):
-        attended, cache = self.self_attn(self.input_layernorm(x), positions, rope, cache, layer)
+    def __call__(self, x, positions, rope, cache, layer, num_tokens=None):
+        attended, cache = self.self_attn(
+            self.input_layernorm(x), positions, rope, cache, layer, num_tokens
+        )
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -104,7 +106,9 @@ class CausalLM(nnx.Module):
 
     `model(input_ids)` returns float32 logits [B, T, vocab]; `model(input_ids, cache=c)`
     appends the T tokens of each sequence at its current length and returns
-    (logits, new cache).
+    (logits, new cache). With `num_tokens` (int32 [B]) only each sequence's leading
+    tokens are real (a ragged prefill, right-padded): only those are written and
+    counted, and logits past them are meaningless.
     """
 
     def __init__(self, config: ModelConfig, dtype: jnp.dtype, mlps: list[nnx.Module], *, sinks: bool):
@@ -125,7 +129,7 @@ class CausalLM(nnx.Module):
         """An empty KV cache for this model; see `fp4kv_jax.cache.init_cache`."""
         return kv_cache.init_cache(self.config, batch_size, max_len, cache_dtype, **kwargs)
 
-    def __call__(self, input_ids: jax.Array, cache: kv_cache.KVCache | None = None):
+    def __call__(self, input_ids: jax.Array, cache: kv_cache.KVCache | None = None, num_tokens=None):
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids: expected int [batch, tokens], got {input_ids.dtype} {input_ids.shape}.")
@@ -139,10 +143,10 @@ class CausalLM(nnx.Module):
         rope = rope_inverse_frequencies(self.config)
         x = self.embed_tokens[...][input_ids]
         for layer, block in enumerate(self.layers):
-            x, cache = block(x, positions, rope, cache, layer)
+            x, cache = block(x, positions, rope, cache, layer, num_tokens)
         x = self.norm(x)
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
         logits = jnp.einsum("bth,hv->btv", x, head, precision="highest").astype(jnp.float32)
         if cache is None:
             return logits
-        return logits, kv_cache.advance(cache, chunk)
+        return logits, kv_cache.advance(cache, chunk if num_tokens is None else num_tokens)
