@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax.numpy as jnp
+
 from fp4kv_jax.formats import format_names
 from fp4kv_jax.memory import kv_cache_bytes_per_token, max_cache_tokens
 from fp4kv_jax.models.configs import builtin_config_names, get_config
@@ -44,6 +46,70 @@ def _cache_dtype_list(text: str) -> list[str]:
     return names
 
 
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """`prompt` as one user turn in the model's chat template (from the GGUF)."""
+    import jinja2
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError("--chat: the model carries no chat template.")
+    messages = [{"role": "user", "content": prompt}]
+    return jinja2.Template(template).render(messages=messages, add_generation_prompt=True)
+
+
+class TokenStreamer:
+    """Prints the new text of sequence 0 as tokens arrive, with a progress bar."""
+
+    def __init__(self, tokenizer, max_new_tokens: int):
+        from tqdm import tqdm
+
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = ""
+        self.bar = tqdm(total=max_new_tokens, unit="tok", leave=False, file=sys.stderr)
+
+    def __call__(self, tokens) -> None:
+        token = int(tokens[0])
+        self.bar.update(1)
+        if token < 0:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.printed):
+            print(text[len(self.printed) :], end="", flush=True)
+            self.printed = text
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_generate(args) -> int:
+    from fp4kv_jax.generate import generate
+    from fp4kv_jax.models import from_pretrained
+
+    model = from_pretrained(args.model, dtype=jnp.float32 if args.float32 else jnp.bfloat16)
+    if model.tokenizer is None:
+        raise ValueError(f"--model: {args.model} carries no tokenizer; generate needs one.")
+    prompt = chat_prompt(model.tokenizer, args.prompt) if args.chat else args.prompt
+    streamer = TokenStreamer(model.tokenizer, args.max_new_tokens)
+    try:
+        result = generate(
+            model, [prompt], max_new_tokens=args.max_new_tokens, cache_dtype=args.cache_dtype,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            on_token=streamer,
+        )
+    finally:
+        streamer.close()
+    print()
+    print(
+        f"[{result.lengths[0]} tokens; cache {args.cache_dtype}, {result.cache_bytes:,} bytes; "
+        f"prefill {result.prefill_seconds:.2f} s; decode {result.decode_tokens_per_second:.1f} "
+        "tokens/s (compilation included on a first call)]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp4kv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,20 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sliding-window layers keep only their window",
     )
+    gen = commands.add_parser("generate", help="generate text, streaming it, then print tokens/s")
+    gen.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory or .gguf")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--cache-dtype", default="bf16", choices=[*format_names(), "auto"])
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--float32", action="store_true", help="float32 parameters (default bf16)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "memory":
-        try:
-            table = memory_table(
-                args.model, args.budget_gib, args.cache_dtypes, args.trim_sliding_layers
-            )
-        except ValueError as error:
-            print(f"fp4kv memory: {error}", file=sys.stderr)
-            return 2
-        print(table)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        print(memory_table(args.model, args.budget_gib, args.cache_dtypes, args.trim_sliding_layers))
+    except ValueError as error:
+        print(f"fp4kv {args.command}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -79,10 +79,15 @@ def _prefill(graphdef, state, input_ids, num_tokens, cache):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "end_ids"),
+    static_argnames=(
+        "graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "end_ids", "on_token",
+    ),
     donate_argnames=("cache",),
 )
-def _decode_loop(graphdef, state, cache, logits, key, *, max_new_tokens, temperature, top_k, top_p, end_ids):
+def _decode_loop(
+    graphdef, state, cache, logits, key, *, max_new_tokens, temperature, top_k, top_p, end_ids,
+    on_token,
+):
     model = nnx.merge(graphdef, state)
     batch = logits.shape[0]
 
@@ -96,6 +101,8 @@ def _decode_loop(graphdef, state, cache, logits, key, *, max_new_tokens, tempera
         token = sample(logits, subkey, temperature, top_k, top_p)
         token = jnp.where(done, -1, token)
         out = out.at[:, step].set(token)
+        if on_token is not None:
+            jax.debug.callback(on_token, token, ordered=True)
         done = done | jnp.isin(token, jnp.asarray(end_ids, jnp.int32))
         next_logits, cache = model(jnp.maximum(token, 0)[:, None], cache=cache)
         return cache, next_logits[:, 0], out, step + 1, done, key
@@ -137,6 +144,7 @@ def generate(
     eos_token_ids: Sequence[int] | None = None,
     stop: Sequence[str] = (),
     max_len: int | None = None,
+    on_token=None,
 ) -> GenerationResult:
     """Generates up to `max_new_tokens` tokens for each prompt.
 
@@ -152,6 +160,10 @@ def generate(
       stop: strings at which each decoded text is cut (after generation).
       max_len: the cache's positions per sequence; default longest prompt +
         max_new_tokens. Too small a value is refused before any work.
+      on_token: a host function called after each decode step with the int32 [B]
+        tokens just sampled (-1 for finished sequences), for streaming and progress
+        bars. It must be hashable (a plain function is); each distinct one compiles
+        the decode loop once.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}.")
@@ -198,7 +210,7 @@ def generate(
         _decode_loop(
             graphdef, state, cache, logits, jax.random.key(seed),
             max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-            top_p=top_p, end_ids=end_ids,
+            top_p=top_p, end_ids=end_ids, on_token=on_token,
         )
     )
     decode_seconds = time.perf_counter() - decode_start

@@ -35,3 +35,19 @@ def test_console_script_runs():
         capture_output=True, text=True, check=True,
     ).stdout
     assert "smollm2-135m" in out and "| bf16 |" in out
+
+
+def test_generate_streams_the_text_then_reports_speed(capsys):
+    assert main(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "3",
+                 "--cache-dtype", "fp4_e2m1", "--float32"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(" Paris")
+    assert "tokens/s" in captured.err and "fp4_e2m1" in captured.err
+
+
+def test_generate_refuses_a_model_without_tokenizer(capsys):
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "qwen3"
+    assert main(["generate", "--model", str(fixture), "--prompt", "hi"]) == 2
+    assert "--model" in capsys.readouterr().err
