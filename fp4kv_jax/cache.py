@@ -287,17 +287,23 @@ def update(
     return advance(cache, ks[0].shape[1] if num_tokens is None else num_tokens)
 
 
+def positions_in_slots(lengths: jax.Array, capacity: int, ring: bool) -> jax.Array:
+    """int32 [B, capacity]: the position each slot would hold once a sequence has
+    `lengths` [B] tokens. A ring slot holds the newest position p < length with
+    p % capacity == slot; a slot whose position is < 0 or >= length holds none."""
+    slots = jnp.arange(capacity)[None, :]
+    if not ring:
+        return jnp.broadcast_to(slots, (lengths.shape[0], capacity))
+    newest = lengths[:, None] - 1
+    return newest - (newest - slots) % capacity
+
+
 def slot_positions(cache: KVCache, layer: int) -> jax.Array:
     """int32 [B, capacity]: the position held in each slot, or -1 where none is."""
     lc = cache.layers[layer]
-    slots = jnp.arange(lc.capacity)[None, :]
-    lengths = cache.lengths[:, None]
-    if lc.ring:
-        # The newest position p < length with p % capacity == slot.
-        positions = lengths - 1 - (lengths - 1 - slots) % lc.capacity
-    else:
-        positions = jnp.broadcast_to(slots, (cache.batch_size, lc.capacity))
-    return jnp.where((positions >= 0) & (positions < lengths), positions, -1)
+    positions = positions_in_slots(cache.lengths, lc.capacity, lc.ring)
+    held = (positions >= 0) & (positions < cache.lengths[:, None])
+    return jnp.where(held, positions, -1)
 
 
 def read_layer(

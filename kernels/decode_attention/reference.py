@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fp4kv_jax.cache import positions_in_slots
 from fp4kv_jax.formats import dequantize
 from fp4kv_jax.kernels.masked_softmax import masked_softmax
 
@@ -15,12 +16,10 @@ def attended_mask(
     """bool [B, capacity]: the slots a query at position length - 1 attends to.
 
     Positions p < length; with a window, only p >= length - window (the last `window`
-    positions, the query's own included). In a ring buffer slot s holds the newest
-    position p < length with p % capacity == s.
+    positions, the query's own included).
     """
-    slots = jnp.arange(capacity)[None, :]
+    positions = positions_in_slots(lengths, capacity, ring)
     lengths = lengths[:, None]
-    positions = lengths - 1 - (lengths - 1 - slots) % capacity if ring else slots
     mask = (positions >= 0) & (positions < lengths)
     if window is not None:
         mask &= positions >= lengths - window

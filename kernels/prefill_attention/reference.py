@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from fp4kv_jax.cache import positions_in_slots
 from fp4kv_jax.formats import dequantize
 from fp4kv_jax.kernels.masked_softmax import masked_softmax
-
-
-def slot_positions(start: jax.Array, chunk: int, capacity: int, ring: bool) -> jax.Array:
-    """int32 [B, capacity]: the position each slot holds once the chunk is written.
-
-    Slots past the end hold positions >= start + chunk, which no query attends to.
-    """
-    slots = jnp.arange(capacity)[None, :]
-    if not ring:
-        return jnp.broadcast_to(slots, (start.shape[0], capacity))
-    end = (start + chunk)[:, None]
-    return end - 1 - (end - 1 - slots) % capacity
 
 
 def prefill_attention(q, k, v, start, *, sm_scale, window, ring, sinks):
@@ -30,7 +18,8 @@ def prefill_attention(q, k, v, start, *, sm_scale, window, ring, sinks):
     qg = q.astype(jnp.float32).reshape(batch, chunk, num_kv_heads, group, head_dim)
     scores = jnp.einsum("bthgd,bhsd->bhgts", qg, keys, precision="highest") * sm_scale
     query_pos = (start[:, None] + jnp.arange(chunk)[None, :])[:, None, None, :, None]
-    key_pos = slot_positions(start, chunk, capacity, ring)[:, None, None, None, :]
+    # Slots past the chunk hold positions >= start + chunk, which no query attends to.
+    key_pos = positions_in_slots(start + chunk, capacity, ring)[:, None, None, None, :]
     mask = (key_pos >= 0) & (key_pos <= query_pos)
     if window is not None:
         mask &= key_pos > query_pos - window
