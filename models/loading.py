@@ -73,16 +73,12 @@ def _load_orbax(directory: Path, dtype: jnp.dtype):
     import orbax.checkpoint as ocp
 
     fields = json.loads((directory / _ORBAX_CONFIG).read_text())
-    saved_dtype = fields.pop("dtype")
+    del fields["dtype"]  # recorded for readers; orbax casts to the requested dtype
     fields["layer_types"] = tuple(fields["layer_types"])
     fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
-    model = build_model(ModelConfig(**fields), saved_dtype)
+    model = build_model(ModelConfig(**fields), dtype)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model, nnx.Param))
     nnx.update(model, ocp.StandardCheckpointer().restore(directory / _ORBAX_STATE, abstract))
-    if jnp.dtype(dtype) != jnp.dtype(saved_dtype):
-        cast = jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Param))
-        model = build_model(model.config, dtype)
-        nnx.update(model, cast)
     if (directory / _TOKENIZER).is_file():
         from tokenizers import Tokenizer
 
