@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from fp4kv_jax import format_names, quantize
+from fp4kv_jax import format_names, get_codec, quantize
 from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.formats import dequantize
 from fp4kv_jax.kernels.decode_attention import decode_attention
@@ -112,7 +112,7 @@ def time_shape(shape, formats, variants, copy_tbs) -> list[dict]:
     for fmt in formats:
         layer = stored_layer(k, v, fmt)
         nbytes = sum(x.nbytes for x in jax.tree.leaves(layer))
-        if get_bits(fmt) < 16:
+        if get_codec(fmt).bits_per_element(128) < 16:
 
             def unfused(q, layer):
                 kk = dequantize(layer.k, jnp.bfloat16).transpose(0, 2, 1, 3)
@@ -136,12 +136,6 @@ def time_shape(shape, formats, variants, copy_tbs) -> list[dict]:
         row["of_copy"] = row["tbs"] / copy_tbs
         row["speedup_vs_cudnn"] = cudnn_ms / row["ms"]
     return rows
-
-
-def get_bits(fmt: str) -> float:
-    from fp4kv_jax import get_codec
-
-    return get_codec(fmt).bits_per_element(128)
 
 
 def table(rows) -> str:
