@@ -137,8 +137,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-gib", type=float, default=40.0)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"any of {', '.join(MODELS)}")
     args = parser.parse_args()
     formats = args.formats.split(",")
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"--models: unknown {sorted(unknown)}; valid: {', '.join(MODELS)}")
     if args.smoke:
         models = {"smoke": SMOKE_MODEL}
         shapes = [(2, 64)]
@@ -147,7 +151,7 @@ def main() -> int:
         if jax.default_backend() != "gpu":
             print("generate.py: needs a GPU (or pass --smoke).", file=sys.stderr)
             return 2
-        models = MODELS
+        models = {name: MODELS[name] for name in args.models.split(",")}
         shapes = [(64, 16384), (32, 32768), (8, 131072)]
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
