@@ -21,24 +21,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fp4kv_jax.formats import QuantizedTensor, get_codec
+from fp4kv_jax.kernels import tiles
 
 _MASKED = -1e30  # finite, so a fully masked block cannot make inf - inf
 _MIN_QUERY_ROWS = 16  # the tensor cores' smallest M
 _PROGRAMS_PER_SM = 4
 _DEFAULT_SMS = 132
-
-
-def _compute_dtype(fmt: str) -> jnp.dtype:
-    """The dot operands' dtype: float32 and fp16 caches keep theirs; float8 data
-    becomes fp16 (one hardware convert per two values; every e4m3 and e5m2 value is
-    exact in fp16), with the global scale folded into the queries, which must then
-    stay within fp16's range; FP4 planes are bf16."""
-    data_dtype = jnp.dtype(get_codec(fmt).data_dtype)
-    if data_dtype in (jnp.float32, jnp.float16):
-        return data_dtype
-    if jnp.issubdtype(data_dtype, jnp.floating) and data_dtype.itemsize == 1:
-        return jnp.dtype(jnp.float16)
-    return jnp.dtype(jnp.bfloat16)
 
 
 def _kernel(
@@ -72,17 +60,9 @@ def _kernel(
     if window is not None and not ring:
         lo = jnp.maximum(lo, length - window)
     queries = [q_ref[p] for p in range(num_planes)]
-    tail_is_ragged = capacity % block_k != 0
 
     def load(ref, block):
-        if ref is None:
-            return None
-        slots = block * block_k + jnp.arange(block_k)
-        view = ref.at[pl.ds(block * block_k, block_k), :]
-        if tail_is_ragged:
-            zero = jnp.zeros((), view.dtype)
-            return plgpu.load(view, mask=(slots < capacity)[:, None], other=zero)
-        return view[...]
+        return None if ref is None else tiles.load_rows(ref, block, block_k, capacity)
 
     stored_refs = (k_data_ref, k_scales_ref, v_data_ref, v_scales_ref)
     last_block = pl.cdiv(capacity, block_k) - 1
@@ -179,23 +159,18 @@ def decode_attention(
     group = num_heads // kv_heads
     num_planes = codec.elements_per_datum
     rows = max(_MIN_QUERY_ROWS, pl.next_power_of_2(group))
-    compute_dtype = _compute_dtype(k.fmt)
+    compute_dtype = tiles.compute_dtype(k.fmt)
     chunk, splits = _plan_splits(batch, kv_heads, capacity, block_k, num_splits)
     if prefetch is None:
         # Measured on H100 (docs/benchmarks.md): prefetching pays for packed FP4 tiles,
         # whose decode is long enough to hide the next block's loads behind.
         prefetch = num_planes > 1
 
-    # The planes exclude the global scales and carry 2**plane_exponent: K's factor
-    # joins the queries, V's the output.
-    plane_factor = 2.0**-codec.plane_exponent
-    k_global = plane_factor * (1.0 if k.global_scale is None else k.global_scale)
-    v_global = plane_factor * (1.0 if v.global_scale is None else v.global_scale)
-    # [B, Hkv, planes, rows, D / planes]: plane p holds columns p, p + P, ...
-    qg = (q.astype(jnp.float32) * (sm_scale * k_global)).reshape(batch, kv_heads, group, head_dim)
+    # K's plane factor joins the queries, V's the output.
+    qg = q.astype(jnp.float32) * (sm_scale * tiles.plane_factor(k))
+    qg = qg.reshape(batch, kv_heads, group, head_dim)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
-    q_planes = qg.reshape(batch, kv_heads, rows, head_dim // num_planes, num_planes)
-    q_planes = q_planes.transpose(0, 1, 4, 2, 3).astype(compute_dtype)
+    q_planes = tiles.split_planes(qg, num_planes).astype(compute_dtype)  # [B, Hkv, P, rows, D/P]
 
     has_scales = k.scales is not None
     stored = [k.data, k.scales, v.data, v.scales] if has_scales else [k.data, v.data]
@@ -242,7 +217,7 @@ def decode_attention(
         interpret=interpret,
         name=f"decode_attention_{k.fmt}",
     )(lengths.astype(jnp.int32), q_planes, *stored)
-    return (_merge_splits(out, peak, total, sinks, group) * v_global).astype(q.dtype)
+    return (_merge_splits(out, peak, total, sinks, group) * tiles.plane_factor(v)).astype(q.dtype)
 
 
 def _merge_splits(out, peak, total, sinks, group):
@@ -250,7 +225,7 @@ def _merge_splits(out, peak, total, sinks, group):
 
     out [B, Hkv, splits, P, rows, D/P]; peak, total [B, Hkv, splits, rows].
     """
-    batch, kv_heads, _, num_planes, rows, plane_width = out.shape
+    batch, kv_heads, _, _, rows, _ = out.shape
     best = jnp.max(peak, axis=2)
     if sinks is not None:
         sink = sinks.astype(jnp.float32).reshape(kv_heads, group)
@@ -262,6 +237,5 @@ def _merge_splits(out, peak, total, sinks, group):
         denominator += jnp.exp(sink - best)
     merged = jnp.sum(out * weight[:, :, :, None, :, None], axis=2)
     merged = merged / denominator[:, :, None, :, None]
-    # [B, Hkv, P, rows, D/P] -> [B, Hkv, rows, D] with column c = plane c % P.
-    merged = merged.transpose(0, 1, 3, 4, 2).reshape(batch, kv_heads, rows, -1)
+    merged = tiles.merge_planes(merged)  # [B, Hkv, rows, D]
     return merged[:, :, :group].reshape(batch, kv_heads * group, -1)

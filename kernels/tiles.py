@@ -1,0 +1,69 @@
+"""What the attention kernels share about stored operands: the dtype fed to the tensor
+cores, the factor folded out of decoded planes, the split of queries into planes, and
+row-block loads from a cache buffer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from fp4kv_jax.formats import QuantizedTensor, get_codec
+
+
+def compute_dtype(fmt: str) -> jnp.dtype:
+    """The dot operands' dtype for a cache format.
+
+    float32 and fp16 caches keep theirs; float8 data becomes fp16 (one hardware convert
+    per two values; every e4m3 and e5m2 value is exact in fp16), with the global scale
+    folded into the queries, which must then stay within fp16's range; E2M1 planes are
+    bf16.
+    """
+    data_dtype = jnp.dtype(get_codec(fmt).data_dtype)
+    if data_dtype in (jnp.float32, jnp.float16):
+        return data_dtype
+    if jnp.issubdtype(data_dtype, jnp.floating) and data_dtype.itemsize == 1:
+        return jnp.dtype(jnp.float16)
+    return jnp.dtype(jnp.bfloat16)
+
+
+def plane_factor(x: QuantizedTensor) -> jax.Array:
+    """float32 []: what a decoded plane must be multiplied by to give the stored values.
+
+    Planes leave out the global scale and carry 2**plane_exponent; kernels fold this
+    factor into their queries (for K) or outputs (for V) instead of touching every
+    element.
+    """
+    factor = jnp.float32(2.0**-x.codec.plane_exponent)
+    return factor if x.global_scale is None else factor * x.global_scale
+
+
+def split_planes(x: jax.Array, num_planes: int) -> jax.Array:
+    """[..., R, D] -> [..., P, R, D / P], plane p holding columns p, p + P, ...
+
+    The layout of a packed format's decoded planes; kernels split their queries the
+    same way and sum the per-plane dot products.
+    """
+    *lead, rows, dim = x.shape
+    planes = x.reshape(*lead, rows, dim // num_planes, num_planes)
+    return jnp.moveaxis(planes, -1, -3)
+
+
+def merge_planes(x: jax.Array) -> jax.Array:
+    """The inverse of `split_planes`: [..., P, R, D / P] -> [..., R, D]."""
+    *lead, num_planes, rows, width = x.shape
+    return jnp.moveaxis(x, -3, -1).reshape(*lead, rows, width * num_planes)
+
+
+def load_rows(ref, block: jax.Array, block_rows: int, num_rows: int) -> jax.Array:
+    """Rows [block * block_rows, + block_rows) of a [num_rows, C] ref, zeros past the end.
+
+    Inside a Pallas (Triton) kernel; the mask is emitted only when num_rows is not a
+    multiple of block_rows.
+    """
+    view = ref.at[pl.ds(block * block_rows, block_rows), :]
+    if num_rows % block_rows == 0:
+        return view[...]
+    rows = block * block_rows + jnp.arange(block_rows)
+    return plgpu.load(view, mask=(rows < num_rows)[:, None], other=jnp.zeros((), view.dtype))
