@@ -1,10 +1,21 @@
 """Prefill attention: a chunk of T new queries per sequence over the stored prefix plus
-the chunk itself, read as stored in the cache (so prefill and decode see the same K/V).
+the chunk itself.
 
-    out = prefill_attention(q, layer, start, sinks=None, sm_scale=None)
+    out = prefill_attention(q, layer, start, sinks=None, sm_scale=None,
+                            chunk_k=None, chunk_v=None, implementation=None)
 
-Only the float32 `reference` implementation exists so far; the fused Pallas kernels
-are the prefill issue's work.
+What the chunk attends to for its own positions is a choice that matters for accuracy:
+  - by default, its keys and values as stored in the cache (quantized), exactly what
+    decode will read later, so prefill and decode see the same K/V and a prompt scored
+    in one pass equals teacher-forced decode through the cache;
+  - with `chunk_k`/`chunk_v` (the chunk's full-precision K/V), the chunk attends to
+    those, and only the prefix before it comes from the cache.
+
+Implementations:
+  "reference"      float32 jnp: dequantize the layer, then attend (any backend).
+  "pallas_triton"  fused dequantize-and-attend flash kernel; on CPU it runs in Pallas
+                   interpret mode.
+The default is "pallas_triton" on GPU and "reference" elsewhere.
 """
 
 from __future__ import annotations
@@ -12,9 +23,16 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 
 from fp4kv_jax.cache import LayerCache
-from fp4kv_jax.kernels.prefill_attention import reference
+from fp4kv_jax.kernels.prefill_attention import pallas_triton, reference
+
+IMPLEMENTATIONS = ("reference", "pallas_triton")
+
+
+def default_implementation() -> str:
+    return "pallas_triton" if jax.default_backend() == "gpu" else "reference"
 
 
 def prefill_attention(
@@ -24,21 +42,77 @@ def prefill_attention(
     *,
     sinks: jax.Array | None = None,
     sm_scale: float | None = None,
+    chunk_k: jax.Array | None = None,
+    chunk_v: jax.Array | None = None,
+    implementation: str | None = None,
+    **tuning,
 ) -> jax.Array:
     """Causal attention of q [B, T, Hq, D] at positions start + t over the layer.
 
-    The chunk's keys and values must already be written to the layer at positions
-    start .. start + T - 1. Returns [B, T, Hq, D] in q's dtype.
+    Args:
+      q: float [B, T, Hq, D]; Hq a multiple of the layer's KV heads.
+      layer: the layer's stored K and V, with the chunk's keys and values already
+        written at positions start .. start + T - 1. Its `window` (each query sees the
+        last W positions) is honoured; ring-buffer layers serve only T = 1.
+      start: int32 [B], each sequence's length before the chunk.
+      sinks: float [Hq] learned sink logits that join the softmax denominator only.
+      sm_scale: softmax scale; default 1 / sqrt(D).
+      chunk_k, chunk_v: both or neither; float [B, T, Hkv, D], the chunk's
+        full-precision keys and values, attended instead of their stored copies.
+      implementation: one of IMPLEMENTATIONS, or None for `default_implementation()`.
+      **tuning: passed to the Pallas implementation (block_t, block_k, num_warps,
+        num_stages).
+
+    Returns:
+      [B, T, Hq, D] in q's dtype.
     """
-    if layer.ring and q.shape[1] > 1:
+    implementation = implementation or default_implementation()
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
+        )
+    _check(q, layer, start, sinks, chunk_k, chunk_v)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    args = dict(
+        sm_scale=sm_scale, window=layer.window, ring=layer.ring, sinks=sinks, chunk_k=chunk_k,
+        chunk_v=chunk_v,
+    )
+    if implementation == "reference":
+        if tuning:
+            raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
+        out = reference.prefill_attention(q, layer.k, layer.v, start, **args)
+        return out.astype(q.dtype)
+    interpret = jax.default_backend() != "gpu"
+    return pallas_triton.prefill_attention(q, layer.k, layer.v, start, interpret=interpret, **args, **tuning)
+
+
+def _check(q, layer, start, sinks, chunk_k, chunk_v):
+    if q.ndim != 4:
+        raise ValueError(f"q: expected [batch, T, heads, head_dim], got shape {q.shape}.")
+    batch, chunk, num_heads, head_dim = q.shape
+    cache_batch, kv_heads, _, cache_dim = layer.k.shape
+    if (batch, head_dim) != (cache_batch, cache_dim):
+        raise ValueError(
+            f"q: shape {q.shape} does not match the cache's batch {cache_batch} and "
+            f"head_dim {cache_dim}."
+        )
+    if num_heads % kv_heads:
+        raise ValueError(f"q: {num_heads} heads is not a multiple of the {kv_heads} KV heads.")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise TypeError(f"q: expected a floating-point dtype, got {q.dtype}.")
+    if layer.ring and chunk > 1:
         raise ValueError(
             "layer: a ring-buffer (trimmed sliding-window) layer cannot serve a prefill "
-            f"chunk of {q.shape[1]} tokens: later tokens overwrite keys that earlier ones "
+            f"chunk of {chunk} tokens: later tokens overwrite keys that earlier ones "
             "attend to. Build the cache without trim_sliding_layers, or feed one token at a time."
         )
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    out = reference.prefill_attention(
-        q, layer.k, layer.v, start, sm_scale=sm_scale, window=layer.window, ring=layer.ring,
-        sinks=sinks,
-    )
-    return out.astype(q.dtype)
+    if start.shape != (batch,):
+        raise ValueError(f"start: expected shape ({batch},), got {start.shape}.")
+    if sinks is not None and sinks.shape != (num_heads,):
+        raise ValueError(f"sinks: expected shape ({num_heads},), got {sinks.shape}.")
+    if (chunk_k is None) != (chunk_v is None):
+        raise ValueError("chunk_k, chunk_v: pass both or neither.")
+    expected = (batch, chunk, kv_heads, head_dim)
+    for name, x in (("chunk_k", chunk_k), ("chunk_v", chunk_v)):
+        if x is not None and x.shape != expected:
+            raise ValueError(f"{name}: expected shape {expected}, got {x.shape}.")

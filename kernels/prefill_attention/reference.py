@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from fp4kv_jax.cache import positions_in_slots
@@ -9,12 +10,22 @@ from fp4kv_jax.formats import dequantize
 from fp4kv_jax.kernels.masked_softmax import masked_softmax
 
 
-def prefill_attention(q, k, v, start, *, sm_scale, window, ring, sinks):
-    """q [B, T, Hq, D]; k, v QuantizedTensor [B, Hkv, S, D]; start int32 [B] -> f32 [B, T, Hq, D]."""
+def _with_chunk(stored, chunk_values, start):
+    """stored f32 [B, Hkv, S, D] with positions start .. start + T - 1 replaced by
+    chunk_values [B, T, Hkv, D]."""
+    chunk = chunk_values.astype(jnp.float32).transpose(0, 2, 1, 3)
+    return jax.vmap(lambda s, c, i: jax.lax.dynamic_update_slice(s, c, (0, i, 0)))(stored, chunk, start)
+
+
+def prefill_attention(q, k, v, start, *, sm_scale, window, ring, sinks, chunk_k=None, chunk_v=None):
+    """q [B, T, Hq, D]; k, v QuantizedTensor [B, Hkv, S, D]; start int32 [B];
+    chunk_k, chunk_v None or [B, T, Hkv, D] -> f32 [B, T, Hq, D]."""
     batch, chunk, num_heads, head_dim = q.shape
     num_kv_heads, capacity = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
     keys, values = dequantize(k), dequantize(v)
+    if chunk_k is not None:
+        keys, values = _with_chunk(keys, chunk_k, start), _with_chunk(values, chunk_v, start)
     qg = q.astype(jnp.float32).reshape(batch, chunk, num_kv_heads, group, head_dim)
     scores = jnp.einsum("bthgd,bhsd->bhgts", qg, keys, precision="highest") * sm_scale
     query_pos = (start[:, None] + jnp.arange(chunk)[None, :])[:, None, None, :, None]

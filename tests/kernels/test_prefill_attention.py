@@ -1,0 +1,167 @@
+"""prefill_attention: the Pallas kernel (interpret mode on CPU) against the float32
+reference, the reference against float64 numpy, and what the chunk attends to."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fp4kv_jax import cache as C
+from fp4kv_jax.formats import dequantize
+from fp4kv_jax.kernels.decode_attention import decode_attention
+from fp4kv_jax.kernels.prefill_attention import prefill_attention
+from fp4kv_jax.models.configs import ModelConfig
+from fp4kv_jax.models.transformer import causal_attention
+
+
+def _config(heads, kv_heads, head_dim, window=None):
+    return ModelConfig(
+        architecture="gpt_oss", vocab_size=8, hidden_size=64, intermediate_size=8,
+        num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        layer_types=("sliding_attention" if window else "full_attention",),
+        sliding_window=window,
+    )
+
+
+def _realistic_keys(key, shape):
+    """[B, T, Hkv, D] keys with two outlier channels, rotated by RoPE."""
+    k = jax.random.normal(key, shape)
+    d = shape[-1]
+    k = k.at[..., jnp.array([1, d // 2 + 3])].multiply(10.0)
+    half = d // 2
+    angle = jnp.arange(shape[1])[:, None] / 10000.0 ** (jnp.arange(half) / half)
+    cos, sin = jnp.cos(angle)[None, :, None], jnp.sin(angle)[None, :, None]
+    k1, k2 = k[..., :half], k[..., half:]
+    return jnp.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
+
+
+def _chunk_after_prefix(seed, fmt, heads, kv_heads, head_dim, prefix, chunk, window=None, trim=False):
+    """A cache holding each sequence's prefix, then a chunk written after it.
+
+    Returns (layer, start, q [B, T, Hq, D], chunk k, v [B, T, Hkv, D]).
+    """
+    batch = len(prefix)
+    keys = jax.random.split(jax.random.key(seed), 5)
+    longest = max(max(prefix), 1)
+    max_len = longest + chunk + 3
+    cache = C.init_cache(_config(heads, kv_heads, head_dim, window), batch, max_len, fmt, trim_sliding_layers=trim)
+    pk = _realistic_keys(keys[0], (batch, longest, kv_heads, head_dim))
+    cache = C.update(cache, [pk], [jax.random.normal(keys[1], pk.shape)], num_tokens=jnp.asarray(prefix))
+    k = _realistic_keys(keys[2], (batch, chunk, kv_heads, head_dim))
+    v = jax.random.normal(keys[3], k.shape)
+    start = cache.lengths
+    cache = C.write_layer(cache, 0, k, v)
+    q = jax.random.normal(keys[4], (batch, chunk, heads, head_dim), jnp.bfloat16)
+    return cache.layers[0], start, q, k, v
+
+
+def _relative_error(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+CASES = [
+    # fmt, heads, kv_heads, head_dim, prefix lengths, chunk, window, sinks, full-precision chunk
+    ("fp4_e2m1", 8, 2, 64, [0, 13], 20, None, False, False),  # empty prefix, ragged
+    ("fp4_e2m1", 16, 1, 128, [37], 9, 24, True, False),  # MQA, group 16, window, sinks
+    ("nvfp4", 14, 2, 128, [5, 40], 33, 16, True, True),  # group 7, full-precision chunk
+    ("mxfp4", 4, 2, 64, [17, 0], 1, None, False, False),  # a one-token chunk
+    ("fp8_e4m3", 8, 2, 64, [3, 70], 12, None, False, True),
+    ("fp8_e5m2", 4, 4, 64, [21], 16, 8, True, False),  # group 1
+    ("bf16", 4, 4, 64, [0], 512, 100, False, False),  # a 512-token chunk
+    ("fp16", 8, 2, 64, [9, 2], 7, None, True, False),
+    ("float32", 8, 4, 64, [30, 0], 5, None, False, False),
+]
+
+
+@pytest.mark.parametrize("fmt, heads, kv_heads, head_dim, prefix, chunk, window, sinks, exact", CASES)
+def test_pallas_kernel_matches_reference(fmt, heads, kv_heads, head_dim, prefix, chunk, window, sinks, exact):
+    layer, start, q, k, v = _chunk_after_prefix(chunk + heads, fmt, heads, kv_heads, head_dim, prefix, chunk, window)
+    args = dict(sinks=jnp.linspace(-2.0, 3.0, heads) if sinks else None)
+    if exact:
+        args.update(chunk_k=k, chunk_v=v)
+    ref = prefill_attention(q, layer, start, implementation="reference", **args)
+    block_k = 64 if chunk > 64 else 16
+    out = prefill_attention(q, layer, start, implementation="pallas_triton", block_k=block_k, **args)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))  # every element written
+    assert _relative_error(out, ref) < (1e-5 if fmt == "float32" else 1e-2)
+
+
+def test_a_full_precision_chunk_without_prefix_is_plain_causal_attention():
+    layer, start, q, k, v = _chunk_after_prefix(3, "fp4_e2m1", 8, 2, 64, [0, 0], 24, window=10)
+    sinks = jnp.linspace(-1.0, 1.0, 8)
+    expected = causal_attention(q.astype(jnp.float32), k, v, window=10, sinks=sinks)
+    exact = prefill_attention(q, layer, start, sinks=sinks, chunk_k=k, chunk_v=v, implementation="pallas_triton", block_k=16)
+    stored = prefill_attention(q, layer, start, sinks=sinks, implementation="pallas_triton", block_k=16)
+    assert _relative_error(exact, expected) < 1e-2
+    # FP4 storage visibly changes what the chunk attends to.
+    assert _relative_error(stored, expected) > 3 * _relative_error(exact, expected)
+
+
+def test_stored_chunk_agrees_with_decode_for_its_last_query():
+    layer, start, q, _, _ = _chunk_after_prefix(4, "nvfp4", 8, 2, 128, [11, 30], 6)
+    prefill = prefill_attention(q, layer, start, implementation="reference")
+    decode = decode_attention(q[:, -1], layer, start + 6, implementation="reference")
+    assert _relative_error(prefill[:, -1], decode) < 1e-6
+
+
+def test_ring_buffer_layer_serves_one_token_chunks():
+    kwargs = dict(fmt="fp4_e2m1", heads=4, kv_heads=2, head_dim=64, prefix=[45, 20], chunk=1, window=16)
+    full, start, q, _, _ = _chunk_after_prefix(5, **kwargs)
+    ring, ring_start, _, _, _ = _chunk_after_prefix(5, **kwargs, trim=True)
+    assert ring.ring and ring.capacity == 16
+    expected = prefill_attention(q, full, start, implementation="reference")
+    kernel = prefill_attention(q, ring, ring_start, implementation="pallas_triton", block_k=16)
+    assert _relative_error(kernel, expected) < 1e-2
+
+
+def _numpy_prefill(q, k, v, start, sm_scale, window):
+    """float64 causal attention of q [B, T, Hq, D] over dequantized [B, Hkv, S, D]."""
+    batch, chunk, heads, _ = q.shape
+    group = heads // k.shape[1]
+    out = np.zeros(q.shape)
+    for b in range(batch):
+        for t in range(chunk):
+            pos = start[b] + t
+            lo = 0 if window is None else max(0, pos - window + 1)
+            for h in range(heads):
+                logits = k[b, h // group, lo : pos + 1] @ q[b, t, h] * sm_scale
+                weights = np.exp(logits - logits.max())
+                out[b, t, h] = weights @ v[b, h // group, lo : pos + 1] / weights.sum()
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_reference_matches_float64_numpy(window):
+    layer, start, q, _, _ = _chunk_after_prefix(6, "mxfp4", 4, 2, 64, [9, 0], 7, window)
+    k = np.asarray(dequantize(layer.k), np.float64)
+    v = np.asarray(dequantize(layer.v), np.float64)
+    expected = _numpy_prefill(np.asarray(q, np.float64), k, v, np.asarray(start), 0.125, window)
+    out = prefill_attention(q.astype(jnp.float32), layer, start, implementation="reference")
+    assert _relative_error(out, expected) < 1e-5
+
+
+def test_bad_arguments_are_named():
+    layer, start, q, k, v = _chunk_after_prefix(1, "bf16", 4, 2, 64, [3], 4)
+    with pytest.raises(ValueError, match="implementation: unknown 'cuda'; valid: reference, pallas_triton"):
+        prefill_attention(q, layer, start, implementation="cuda")
+    with pytest.raises(ValueError, match="q: 3 heads is not a multiple of the 2 KV heads"):
+        prefill_attention(q[:, :, :3], layer, start)
+    with pytest.raises(ValueError, match="start: expected shape"):
+        prefill_attention(q, layer, start[None])
+    with pytest.raises(ValueError, match="chunk_k, chunk_v: pass both or neither"):
+        prefill_attention(q, layer, start, chunk_k=k)
+    with pytest.raises(ValueError, match="chunk_v: expected shape"):
+        prefill_attention(q, layer, start, chunk_k=k, chunk_v=v[:, :2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4"])
+def test_compiled_kernel_matches_reference_on_gpu(fmt):
+    layer, start, q, k, v = _chunk_after_prefix(7, fmt, 64, 8, 128, [0, 1000, 333], 700, window=None)
+    sinks = jnp.linspace(-1.0, 1.0, 64)
+    for extra in ({}, dict(chunk_k=k, chunk_v=v)):
+        ref = prefill_attention(q, layer, start, sinks=sinks, implementation="reference", **extra)
+        out = prefill_attention(q, layer, start, sinks=sinks, implementation="pallas_triton", **extra)
+        assert _relative_error(out, ref) < 1e-2
