@@ -56,13 +56,14 @@ def merge_planes(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, -3, -1).reshape(*lead, rows, width * num_planes)
 
 
-def load_rows(ref, block: jax.Array, block_rows: int, num_rows: int) -> jax.Array:
+def load_rows(ref, block: jax.Array, block_rows: int, num_rows: int, columns=slice(None)) -> jax.Array:
     """Rows [block * block_rows, + block_rows) of a [num_rows, C] ref, zeros past the end.
 
-    Inside a Pallas (Triton) kernel; the mask is emitted only when num_rows is not a
-    multiple of block_rows.
+    Inside a Pallas (Triton) kernel; `columns` (a slice or `pl.ds`) picks some columns
+    in the same indexer, since Triton lowers only one indexer per masked load. The
+    mask is emitted only when num_rows is not a multiple of block_rows.
     """
-    view = ref.at[pl.ds(block * block_rows, block_rows), :]
+    view = ref.at[pl.ds(block * block_rows, block_rows), columns]
     if num_rows % block_rows == 0:
         return view[...]
     rows = block * block_rows + jnp.arange(block_rows)

@@ -121,11 +121,14 @@ def _kernel(
     carry = lax.fori_loop(*stored_blocks, stored_block, carry)
 
     if exact_chunk:
-        padded_chunk = chunk_k_ref.shape[1]
+        padded_chunk = chunk_k_ref.shape[0]
 
         def chunk_block(block, carry):
             keys, values = (
-                [tiles.load_rows(ref.at[p], block, block_k, padded_chunk) for p in range(num_planes)]
+                [
+                    tiles.load_rows(ref, block, block_k, padded_chunk, pl.ds(p * plane_width, plane_width))
+                    for p in range(num_planes)
+                ]
                 for ref in (chunk_k_ref, chunk_v_ref)
             )
             positions = start + block * block_k + jnp.arange(block_k)
@@ -219,8 +222,10 @@ def prefill_attention(
             # The planes exclude the plane factor, so full-precision values must too.
             x = x.astype(jnp.float32) / tiles.plane_factor(stored_tensor)
             x = jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, padded_chunk - chunk), (0, 0)))
-            x = tiles.split_planes(x, num_planes).astype(compute_dtype)  # [B, Hkv, P, T', D/P]
-            inputs.append(x)
+            # [B, Hkv, T', D] with plane p in columns [p * D/P, (p + 1) * D/P).
+            planes = jnp.moveaxis(tiles.split_planes(x, num_planes), -3, -2)
+            x = planes.reshape(batch, kv_heads, padded_chunk, head_dim)
+            inputs.append(x.astype(compute_dtype))
             in_specs.append(whole(x))
 
     kernel = functools.partial(
