@@ -110,6 +110,42 @@ def run_generate(args) -> int:
     return 0
 
 
+def run_ablate(args) -> int:
+    from fp4kv_jax.ablate import AblationSettings, ablate, load_corpus, markdown_table, write_outputs
+    from fp4kv_jax.formats import get_codec
+    from fp4kv_jax.models import from_pretrained
+
+    if args.context < 2:
+        raise ValueError(f"--context: a window needs at least 2 tokens, got {args.context}.")
+    if args.tokens < args.context:
+        raise ValueError(f"--tokens: must be at least --context ({args.context}), got {args.tokens}.")
+    if args.prompts < 1:
+        raise ValueError(f"--prompts: must be at least 1, got {args.prompts}.")
+    if args.budget_gib <= 0:
+        raise ValueError(f"--budget-gib: must be positive, got {args.budget_gib:g}.")
+    corpus_name, texts = load_corpus(args.corpus)
+    # float32 parameters, so that the cache is the only thing that differs between rows.
+    model = from_pretrained(args.model, dtype=jnp.float32)
+    if model.tokenizer is None:
+        raise ValueError(f"--model: {args.model} carries no tokenizer; ablate needs one to read the corpus.")
+    if args.context > model.config.max_position_embeddings:
+        raise ValueError(
+            f"--context: {args.context} exceeds the model's max_position_embeddings "
+            f"({model.config.max_position_embeddings})."
+        )
+    for fmt in args.cache_dtypes:
+        get_codec(fmt).check_last_dim(model.config.head_dim, arg="--cache-dtypes")
+    results = ablate(
+        model, args.model, corpus_name, texts, args.cache_dtypes, context=args.context,
+        tokens=args.tokens, prompts=args.prompts,
+        settings=AblationSettings(budget_gib=args.budget_gib),
+    )
+    paths = write_outputs(results, args.out)
+    print(markdown_table(results))
+    print(f"[wrote {', '.join(str(p) for p in paths)}]", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp4kv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +180,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--float32", action="store_true", help="float32 parameters (default bf16)")
+    abl = commands.add_parser(
+        "ablate",
+        help="per cache dtype: perplexity change, KL, agreement with bf16, layer errors, memory",
+    )
+    abl.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory or .gguf")
+    abl.add_argument("--corpus", help="a UTF-8 text file (default: the works of Shakespeare)")
+    abl.add_argument(
+        "--cache-dtypes",
+        type=_cache_dtype_list,
+        default=["bf16", "fp8_e4m3", "fp4_e2m1", "mxfp4", "nvfp4"],
+        help="comma-separated cache dtypes; bf16, the reference, is always scored "
+        "(default: bf16,fp8_e4m3,fp4_e2m1,mxfp4,nvfp4)",
+    )
+    abl.add_argument("--context", type=int, default=512, help="tokens per scored window")
+    abl.add_argument("--tokens", type=int, default=2048, help="scored tokens in all, at most")
+    abl.add_argument("--prompts", type=int, default=8, help="prompts for greedy-continuation agreement")
+    abl.add_argument("--budget-gib", type=float, default=1.0, help="memory budget in GiB for tokens that fit")
+    abl.add_argument("--out", default="ablation_results", help="directory for results.json, results.md, plots")
     return parser
 
 
@@ -152,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "ablate":
+            return run_ablate(args)
         print(memory_table(args.model, args.budget_gib, args.cache_dtypes, args.trim_sliding_layers))
     except ValueError as error:
         print(f"fp4kv {args.command}: {error}", file=sys.stderr)

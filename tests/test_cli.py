@@ -1,4 +1,6 @@
-"""`fp4kv memory` prints one row per cache dtype and reproduces SPEC's figures."""
+"""`fp4kv memory` prints one row per cache dtype and reproduces SPEC's figures; `fp4kv
+generate` streams text; `fp4kv ablate` checks its arguments, then writes and prints its
+results."""
 
 import subprocess
 import sys
@@ -51,3 +53,27 @@ def test_generate_refuses_a_model_without_tokenizer(capsys):
     fixture = Path(__file__).resolve().parent / "fixtures" / "qwen3"
     assert main(["generate", "--model", str(fixture), "--prompt", "hi"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--context", "1"], "--context: a window needs at least 2 tokens"),
+    (["--context", "64", "--tokens", "32"], "--tokens: must be at least --context (64)"),
+    (["--prompts", "0"], "--prompts: must be at least 1"),
+    (["--corpus", "/no/such/corpus.txt"], "--corpus: '/no/such/corpus.txt' is not a file"),
+])
+def test_ablate_refuses_bad_arguments_before_any_work(capsys, arguments, message):
+    assert main(["ablate", *arguments]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ablate_writes_results_and_prints_their_table(capsys, tmp_path):
+    import json
+
+    assert main(["ablate", "--cache-dtypes", "fp8_e4m3", "--context", "24", "--tokens", "46",
+                 "--prompts", "2", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    bf16, fp8 = results["results"]
+    assert (bf16["name"], fp8["name"]) == ("bf16", "fp8_e4m3")
+    assert results["config"]["scored_tokens"] == 46 and results["config"]["corpus"] == "shakespeare"
+    assert 1.5 < bf16["perplexity"] < 500 and fp8["kl"] > 0 and fp8["bits_per_element"] == 8
+    assert capsys.readouterr().out.strip() == (tmp_path / "results.md").read_text().strip()

@@ -1,0 +1,179 @@
+"""`fp4kv_jax.ablate`: windowed scoring through a quantized cache, rows compared with
+the bf16 reference, the paired block bootstrap, and the files written.
+
+The tiny Llama fixture (tests/fixtures/llama, vocab 128, head_dim 16) keeps this fast;
+the SmolLM2 run of the whole command is in tests/test_cli.py.
+"""
+
+import json
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fp4kv_jax.ablate import (
+    AblationSettings,
+    ablate,
+    corpus_windows,
+    dtype_recipe,
+    load_corpus,
+    matching_prefix_length,
+    paired_block_bootstrap,
+    score_window,
+    tokenize_texts,
+    write_outputs,
+)
+from fp4kv_jax.memory import kv_cache_bytes_per_token, max_cache_tokens
+from fp4kv_jax.models import from_pretrained
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ROWS = ["bf16", "fp8_e4m3", "fp4_e2m1"]
+SETTINGS = AblationSettings(prompt_tokens=8, greedy_tokens=4, block_tokens=5, resamples=200)
+
+
+class CharTokenizer:
+    """One token per character, ids below the fixture's vocabulary of 128."""
+
+    def encode_batch(self, texts):
+        return [types.SimpleNamespace(ids=[ord(c) % 128 for c in text]) for text in texts]
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = from_pretrained(FIXTURES / "llama", dtype=jnp.float32)
+    model.tokenizer = CharTokenizer()
+    return model
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("To be, or not to be, that is the question: whether 'tis nobler. " * 8)
+    return path
+
+
+@pytest.fixture(scope="module")
+def results(llama, corpus_file):
+    name, texts = load_corpus(corpus_file)
+    return ablate(
+        llama, "llama-fixture", name, texts, ["fp8_e4m3", "fp4_e2m1"], context=16, tokens=45,
+        prompts=2, settings=SETTINGS, progress=False,
+    )
+
+
+def _rows(results):
+    return {row["name"]: row for row in results["results"]}
+
+
+def test_one_pass_window_score_equals_token_by_token_decode_through_the_same_cache(llama):
+    with np.load(FIXTURES / "llama" / "golden.npz") as golden:
+        input_ids = golden["input_ids"][:1, :12]
+    scored = np.asarray(score_window(llama, input_ids, dtype_recipe("fp4_e2m1")).nll[0])
+
+    decode_step = nnx.jit(lambda model, token, cache: model(token, cache=cache))
+    cache = llama.init_cache(1, 12, "fp4_e2m1")
+    decoded = []
+    for t in range(11):
+        logits, cache = decode_step(llama, input_ids[:, t : t + 1], cache)
+        decoded.append(-jax.nn.log_softmax(logits[0, 0])[input_ids[0, t + 1]])
+    np.testing.assert_allclose(scored, decoded, rtol=1e-5, atol=1e-5)
+
+    no_cache = -jax.nn.log_softmax(llama(input_ids)[0, :-1])[np.arange(11), input_ids[0, 1:]]
+    assert np.abs(scored - np.asarray(no_cache)).max() > 1e-3  # the cache's FP4 is really read
+
+
+def test_windows_are_contiguous_spread_over_the_corpus_and_cap_the_scored_tokens():
+    windows = corpus_windows(np.arange(1000, dtype=np.int32), context=10, max_scored_tokens=40)
+    assert windows.shape == (40 // 9, 10)
+    np.testing.assert_array_equal(np.diff(windows, axis=1), 1)
+    assert windows[0, 0] == 0 and windows[-1, -1] == 999
+    assert np.all(windows[1:, 0] > windows[:-1, -1])
+
+
+def test_a_short_corpus_gives_the_windows_it_holds_and_too_short_a_one_is_refused():
+    assert corpus_windows(np.arange(25, dtype=np.int32), 10, 100).shape == (2, 10)
+    with pytest.raises(ValueError, match="corpus: 9 tokens"):
+        corpus_windows(np.arange(9, dtype=np.int32), 10, 100)
+
+
+def test_bootstrap_interval_of_a_constant_nll_shift_is_that_shift():
+    reference = np.random.default_rng(1).exponential(size=(3, 50))
+    low, high = paired_block_bootstrap(reference + 0.1, reference, block_tokens=8, resamples=100, seed=0)
+    assert low == pytest.approx(100 * np.expm1(0.1)) and high == pytest.approx(low)
+
+
+def test_bootstrap_interval_is_reproducible_and_narrows_with_more_windows():
+    rng = np.random.default_rng(2)
+    reference = rng.exponential(size=(32, 64))
+    row = reference + 0.05 + rng.normal(scale=0.5, size=reference.shape)
+
+    def interval(windows, seed=0):
+        return paired_block_bootstrap(
+            row[:windows], reference[:windows], block_tokens=16, resamples=500, seed=seed
+        )
+
+    assert interval(32) == interval(32)
+    assert interval(32, seed=1) != interval(32)
+    (wide_low, wide_high), (low, high) = interval(2), interval(32)
+    assert low < 100 * np.expm1(0.05) < high
+    assert (wide_high - wide_low) > 2 * (high - low)
+
+
+def test_matching_prefix_length_counts_tokens_until_the_first_divergence():
+    assert matching_prefix_length([5, 6, 7, 8], [5, 6, 9, 8]) == 2
+    assert matching_prefix_length([5, 6, 7], [5, 6, 7]) == 3
+    assert matching_prefix_length([4, 6], [5, 6]) == 0
+
+
+def test_the_reference_row_matches_itself_exactly(results):
+    bf16 = _rows(results)["bf16"]
+    assert bf16["delta_ppl_pct"] == 0 and bf16["delta_ppl_ci95"] == [0, 0] and bf16["kl"] == 0
+    assert bf16["top1_agreement"] == 1 and bf16["greedy_agreement"] == SETTINGS.greedy_tokens
+    assert all(e == 0 for errors in bf16["layer_errors"].values() for e in errors)
+
+
+def test_first_layer_kv_error_is_the_formats_alone_so_fp8_beats_fp4(results):
+    rows = _rows(results)
+    for tensor in ("k", "v"):
+        assert 0 < rows["fp8_e4m3"]["layer_errors"][tensor][0] < rows["fp4_e2m1"]["layer_errors"][tensor][0]
+    assert 0 < rows["fp8_e4m3"]["kl"] < rows["fp4_e2m1"]["kl"]
+
+
+def test_perplexity_is_that_of_the_one_pass_window_scores(llama, corpus_file, results):
+    config = results["config"]
+    token_ids = tokenize_texts(llama.tokenizer, [corpus_file.read_text()])
+    windows = corpus_windows(token_ids, config["context"], config["tokens"])
+    assert config["windows"] == len(windows) and config["scored_tokens"] == windows.size - len(windows)
+    nll = np.concatenate([np.asarray(score_window(llama, w[None], dtype_recipe("fp4_e2m1")).nll) for w in windows])
+    fp4 = _rows(results)["fp4_e2m1"]
+    assert fp4["perplexity"] == pytest.approx(np.exp(nll.mean()), rel=1e-5)
+    low, high = fp4["delta_ppl_ci95"]
+    assert low <= fp4["delta_ppl_pct"] <= high
+
+
+def test_memory_figures_come_from_the_memory_planner(llama, results):
+    for row in results["results"]:
+        per_token = kv_cache_bytes_per_token(llama.config, row["cache_dtype"])
+        assert row["bytes_per_token"] == per_token
+        assert row["tokens_in_budget"] == max_cache_tokens(llama.config, row["cache_dtype"], 1024**3)
+    assert [row["bits_per_element"] for row in results["results"]] == [16, 8, 4.5]
+
+
+def test_outputs_hold_one_row_per_cache_dtype(results, tmp_path):
+    paths = write_outputs(results, tmp_path)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert [row["cache_dtype"] for row in written["results"]] == ROWS
+    assert written["config"]["context"] == 16 and written["config"]["cache_dtypes"] == ROWS
+    assert set(written["results"][0]["layer_errors"]) == {"k", "v", "attention_output"}
+    assert all(len(e) == 2 for e in written["results"][0]["layer_errors"].values())
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table if line.startswith("| ") and "---" not in line][1:] == ROWS
+    pngs = [p for p in paths if p.suffix == ".png"]
+    assert len(pngs) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
