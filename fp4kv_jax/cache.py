@@ -12,9 +12,10 @@ over positions. `capacity` is `max_len`, or the sliding window for sliding layer
 cache built with `trim_sliding_layers=True`; those layers are ring buffers in which
 position p lives in slot p % window.
 
-Writes are pure (`.at[].set` with out-of-range rows dropped), so a cache passed to a
-jitted step with `donate_argnums` is updated in place. A model writes each layer with
-`write_layer` and then moves the lengths on once with `advance`; `update` does both.
+Writes quantize straight into the stored rows (`quantize_into_cache`: a Pallas kernel
+on GPU, a scatter elsewhere), so a cache passed to a jitted step with `donate_argnums`
+is updated in place. A model writes each layer with `write_layer` and then moves the
+lengths on once with `advance`; `update` does both.
 
 Overfull caches are refused: a chunk longer than the capacity fails at trace time;
 when only the runtime lengths overflow, the rows past `max_len` are dropped, the
@@ -30,7 +31,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from fp4kv_jax.formats import QuantizedTensor, get_codec, quantize
+from fp4kv_jax.formats import QuantizedTensor, get_codec
+from fp4kv_jax.kernels.quantize_into_cache import quantize_into_cache, token_slots
 from fp4kv_jax.models.configs import ModelConfig, get_config
 
 
@@ -183,22 +185,6 @@ def _overflow_message(cache: KVCache, counts) -> str:
     )
 
 
-def _write_tensor(
-    stored: QuantizedTensor, new: jax.Array, slots: jax.Array
-) -> QuantizedTensor:
-    """Quantizes new [B, T, Hkv, D] and writes token t of sequence b to slot slots[b, t]
-    of stored [B, Hkv, S, ...]; a slot of S or more drops that token."""
-    q = quantize(new, stored.fmt, global_scale=stored.global_scale)
-    rows = jnp.arange(new.shape[0])[:, None]
-
-    def put(buffer, values):
-        # Advanced indices around a slice put [B, T] first: values are [B, T, Hkv, ...].
-        return buffer.at[rows, :, slots].set(values, mode="drop")
-
-    scales = None if stored.scales is None else put(stored.scales, q.scales)
-    return dataclasses.replace(stored, data=put(stored.data, q.data), scales=scales)
-
-
 def write_layer(
     cache: KVCache,
     layer: int,
@@ -237,21 +223,17 @@ def write_layer(
     if _is_concrete(cache.lengths) and bool(jnp.any(cache.lengths + counts > cache.max_len)):
         raise CacheOverflowError(_overflow_message(cache, counts))
 
-    t = jnp.arange(chunk)[None, :]
-    positions = cache.lengths[:, None] + t
-    keep = (t < counts[:, None]) & (positions < cache.max_len)
-    if lc.ring:
-        # Of the chunk, only the last `capacity` real tokens survive in the ring.
-        keep &= t >= counts[:, None] - lc.capacity
-        slots = positions % lc.capacity
-    else:
-        slots = positions
-    slots = jnp.where(keep, slots, lc.capacity)
+    # Tokens past max_len are dropped; `advance` flags the overflow.
+    fitting = jnp.minimum(counts, jnp.maximum(cache.max_len - cache.lengths, 0))
 
-    written = dataclasses.replace(
-        lc, k=_write_tensor(lc.k, k, slots), v=_write_tensor(lc.v, v, slots)
+    def write(stored, new):
+        return quantize_into_cache(new, stored, cache.lengths, num_tokens=fitting, ring=lc.ring)
+
+    written = dataclasses.replace(lc, k=write(lc.k, k), v=write(lc.v, v))
+    slots = token_slots(
+        cache.lengths[:, None], fitting[:, None], jnp.arange(chunk)[None, :], lc.capacity, lc.ring
     )
-    kept = keep[:, :, None, None]
+    kept = (slots < lc.capacity)[:, :, None, None]
     bad = jnp.any(kept & ~jnp.isfinite(k)) | jnp.any(kept & ~jnp.isfinite(v))
     layers = cache.layers[:layer] + (written,) + cache.layers[layer + 1 :]
     return dataclasses.replace(cache, layers=layers, nonfinite=cache.nonfinite | bad)

@@ -56,6 +56,26 @@ def merge_planes(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, -3, -1).reshape(*lead, rows, width * num_planes)
 
 
+def overflows_int32_offsets(x: QuantizedTensor) -> bool:
+    """Whether Pallas's Triton lowering would address one of x's buffers wrongly.
+
+    It indexes arrays of at most 4 GiB with int32 element offsets, which overflow for
+    1-byte buffers of more than 2**31 elements: packed FP4 or fp8 data between 2 and
+    4 GiB (fp8 at B=64, Hkv=8, D=128 and 65536 slots is exactly 4 GiB).
+    """
+    buffers = (x.data,) if x.scales is None else (x.data, x.scales)
+    return any(b.size > 2**31 and b.size * b.dtype.itemsize <= 2**32 for b in buffers)
+
+
+def check_addressable(x: QuantizedTensor, arg: str) -> None:
+    """Refuses, naming `arg`, a tensor that `overflows_int32_offsets`."""
+    if overflows_int32_offsets(x):
+        raise ValueError(
+            f"{arg}: a buffer of {x.data.shape} {x.data.dtype} is one that Pallas's Triton "
+            "lowering addresses with overflowing int32 offsets; use implementation='reference'."
+        )
+
+
 def load_rows(ref, block: jax.Array, block_rows: int, num_rows: int, columns=slice(None)) -> jax.Array:
     """Rows [block * block_rows, + block_rows) of a [num_rows, C] ref, zeros past the end.
 

@@ -83,6 +83,20 @@ class Codec(abc.ABC):
     ) -> jax.Array:
         """(data, scales) -> float32 [..., D]."""
 
+    def encode_tile(
+        self, x: jax.Array, global_scale: jax.Array | None, *, ptx: bool
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Encodes a float32 tile [rows, D] inside a Pallas kernel (Triton lowering).
+
+        Returns (data [rows, D / elements_per_datum], scales [rows, D / block_size] or
+        None), equal to `encode` bit for bit. The default is `encode` itself, which
+        suits codecs built only from ops Pallas lowers to Triton and with no float
+        division: Triton's float32 `/` is the approximate div.full.f32. Codecs that
+        divide override this and divide with `e2m1.divide(..., ptx=ptx)`: `ptx=True`
+        compiled for an NVIDIA GPU, `ptx=False` in interpret mode.
+        """
+        return self.encode(x, global_scale)
+
     def decode_planes(
         self, data: jax.Array, scales: jax.Array | None, *, ptx: bool
     ) -> tuple[jax.Array, ...]:

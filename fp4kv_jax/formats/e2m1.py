@@ -51,7 +51,9 @@ def with_sign(magnitude_index: jax.Array, y: jax.Array) -> jax.Array:
 
 def pack(codes: jax.Array) -> jax.Array:
     """uint8 codes [..., D] -> packed bytes [..., D // 2], even element low."""
-    even, odd = codes[..., 0::2], codes[..., 1::2]
+    # Pairs split off a last axis of 2 rather than strided slices, which Pallas cannot
+    # lower to Triton.
+    even, odd = jax.lax.unstack(codes.reshape(*codes.shape[:-1], -1, 2), axis=-1)
     return (odd << 4) | even
 
 
@@ -185,11 +187,13 @@ def scale_by_pow2(x: jax.Array, e: jax.Array) -> jax.Array:
     return x * exact_pow2(half) * exact_pow2(e - half)
 
 
-def _largest_mantissa_rounding_down() -> np.ndarray:
+def _largest_mantissa_rounding_down() -> tuple[tuple[int, int], ...]:
     """For k in [-150, 128): the largest 23-bit mantissa j with RN32(k + log2(1 + j/2**23)) == k.
 
     That is the largest j whose log2 offset stays within half the float32 spacing
-    just above k (the tie goes to k, whose last mantissa bit is even).
+    just above k (the tie goes to k, whose last mantissa bit is even). The limit only
+    changes between binades of |k|, so it is returned as runs: (first k, limit) pairs
+    in increasing k.
     """
     ks = np.arange(-150, 128)
     limits = np.zeros(ks.shape, np.int64)
@@ -199,10 +203,11 @@ def _largest_mantissa_rounding_down() -> np.ndarray:
         k32 = np.float32(k)
         spacing = float(np.nextafter(k32, np.float32(np.inf))) - float(k32)
         limits[i] = np.nonzero(offsets <= spacing / 2)[0].max()
-    return limits
+    starts = np.flatnonzero(np.diff(limits, prepend=-1))
+    return tuple((int(ks[i]), int(limits[i])) for i in starts)
 
 
-_ROUND_DOWN_LIMIT = _largest_mantissa_rounding_down()
+_ROUND_DOWN_LIMIT_RUNS = _largest_mantissa_rounding_down()
 
 
 def ceil_log2_rounded(v: jax.Array) -> jax.Array:
@@ -214,35 +219,68 @@ def ceil_log2_rounded(v: jax.Array) -> jax.Array:
     log2 rounds back down to k, so the result is k, not k + 1.
     """
     k = exponent_of(v)
-    limit = jnp.asarray(_ROUND_DOWN_LIMIT, jnp.int32)[k + 150]
+    # A dozen selects over the runs rather than a table gather, which Pallas cannot
+    # lower to Triton.
+    (_, limit), *runs = _ROUND_DOWN_LIMIT_RUNS
+    limit = jnp.full(k.shape, limit, jnp.int32)
+    for first_k, run_limit in runs:
+        limit = jnp.where(k >= first_k, run_limit, limit)
     return k + (mantissa_of(v) > limit).astype(jnp.int32)
 
 
-def divide(x: jax.Array, divisor: jax.Array | float) -> jax.Array:
-    """x / divisor in float32, correctly rounded even under jit.
+def divide(x: jax.Array, divisor: jax.Array | float, *, ptx: bool = False) -> jax.Array:
+    """x / divisor in float32, correctly rounded even under jit and inside kernels.
 
     XLA rewrites a division by a broadcast value (a scalar or a per-block scale) into a
-    multiplication by its rounded reciprocal, an ulp off for some x, which changes
-    stored bytes. Dividing by a full array hidden behind an optimization barrier keeps
-    a true division.
+    multiplication by its rounded reciprocal, and a quotient divided again, (a / b) / c,
+    into a / (b * c); both are an ulp off for some x, which changes stored bytes.
+    Hiding both operands behind an optimization barrier keeps a true division.
+
+    Pallas lowers neither the barrier nor a correctly rounded `/` to Triton (Triton's
+    float32 `/` is the approximate div.full.f32), so inside a Pallas kernel compiled
+    for an NVIDIA GPU pass `ptx=True`: the division is then PTX div.rn.f32, with the
+    same result.
     """
     divisor = jnp.broadcast_to(jnp.asarray(divisor, jnp.float32), x.shape)
-    return x / jax.lax.optimization_barrier(divisor)
+    if not ptx:
+        x, divisor = jax.lax.optimization_barrier((x, divisor))
+        return x / divisor
+    from jax.experimental.pallas import triton as plgpu
+
+    [quotient] = plgpu.elementwise_inline_asm(
+        "div.rn.f32 $0, $1, $2;",
+        args=[x, divisor],
+        constraints="=r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )
+    return quotient
 
 
 def round_to_float8(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """float32 w, already within dtype's finite range -> dtype, rounded once to nearest-even.
+    """float32 w, within dtype's finite range or NaN -> dtype, rounded once to nearest-even.
 
     XLA's float32-to-float8 conversion on CPU can round twice (through a wider
     format), which breaks ties; rounding on the float8 grid in float32 first makes the
-    final conversion exact.
+    final conversion exact. The rounding is float32 addition itself: |w| plus a shifter
+    1.5 * 2**k whose float32 spacing is the grid's quantum lands on the grid, ties to
+    even, and subtracting the shifter again is exact (Pallas lowers no jnp.round to
+    Triton). NaN stores the NaN byte numpy writes for dtype, whichever NaN a backend's
+    conversion would pick.
     """
     finfo = jnp.finfo(dtype)
     min_exponent, mantissa_bits = int(np.log2(float(finfo.smallest_normal))), finfo.nmant
-    exponent = jnp.maximum(exponent_of(jnp.abs(w)), min_exponent)
-    quantum = scale_by_pow2(jnp.ones_like(w), exponent - mantissa_bits)
-    rounded = jnp.round(w / quantum) * quantum
-    return jnp.where(jnp.isfinite(w), rounded, w).astype(dtype)
+    magnitude = jnp.abs(w)
+    exponent = jnp.maximum(exponent_of(magnitude), min_exponent)
+    shifter = 1.5 * exact_pow2(exponent - mantissa_bits + 23)
+    rounded_magnitude = (magnitude + shifter) - shifter
+    sign = jax.lax.bitcast_convert_type(w, jnp.uint32) & jnp.uint32(0x80000000)
+    rounded = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(rounded_magnitude, jnp.uint32) | sign, jnp.float32
+    )
+    stored = jax.lax.bitcast_convert_type(rounded.astype(dtype), jnp.uint8)
+    nan_byte = np.array(np.nan, dtype).view(np.uint8)
+    return jax.lax.bitcast_convert_type(jnp.where(jnp.isnan(w), nan_byte, stored), dtype)
 
 
 def block_view(x: jax.Array, block_size: int) -> jax.Array:
@@ -252,4 +290,6 @@ def block_view(x: jax.Array, block_size: int) -> jax.Array:
 
 def block_nonfinite(blocks: jax.Array) -> jax.Array:
     """[..., n, block] -> bool [..., n]: the block holds a NaN or an infinity."""
-    return jnp.any(~jnp.isfinite(blocks), axis=-1)
+    # A max over integers rather than jnp.any, whose reduce_or Pallas cannot lower to
+    # Triton.
+    return jnp.max((~jnp.isfinite(blocks)).astype(jnp.int32), axis=-1) > 0

@@ -34,12 +34,14 @@ class SglangFp4Codec(Codec):
     scale_dtype = jnp.uint8
 
     def encode(self, x, global_scale):
+        return self.encode_tile(x, global_scale, ptx=False)
+
+    def encode_tile(self, x, global_scale, *, ptx):
         blocks = e2m1.block_view(x, self.block_size)
         bad = e2m1.block_nonfinite(blocks)
         absmax = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0.0), axis=-1)
-        exponent = e2m1.ceil_log2_rounded(
-            jnp.maximum(e2m1.divide(absmax, e2m1.MAX_MAGNITUDE), jnp.float32(_MIN_SCALED_ABSMAX))
-        )
+        per_six = e2m1.divide(absmax, e2m1.MAX_MAGNITUDE, ptx=ptx)
+        exponent = e2m1.ceil_log2_rounded(jnp.maximum(per_six, jnp.float32(_MIN_SCALED_ABSMAX)))
         y = blocks * e2m1.exact_pow2(-exponent)[..., None]
         codes = e2m1.with_sign(e2m1.magnitude_index_ties_away(jnp.abs(y)), y)
         codes = jnp.where(bad[..., None], jnp.uint8(0), codes).reshape(x.shape)

@@ -23,8 +23,11 @@ class Fp8Codec(Codec):
         self.data_dtype = dtype
 
     def encode(self, x, global_scale):
+        return self.encode_tile(x, global_scale, ptx=False)
+
+    def encode_tile(self, x, global_scale, *, ptx):
         largest = float(jnp.finfo(self.data_dtype).max)
-        y = e2m1.divide(x, global_scale)
+        y = e2m1.divide(x, global_scale, ptx=ptx)
         y = jnp.where(jnp.isfinite(x), jnp.clip(y, -largest, largest), jnp.nan)
         return e2m1.round_to_float8(y, self.data_dtype), None
 

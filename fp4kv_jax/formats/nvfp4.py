@@ -35,16 +35,18 @@ class Nvfp4Codec(Codec):
         )
 
     def encode(self, x, global_scale):
+        return self.encode_tile(x, global_scale, ptx=False)
+
+    def encode_tile(self, x, global_scale, *, ptx):
         blocks = e2m1.block_view(x, self.block_size)
         bad = e2m1.block_nonfinite(blocks)
         absmax = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0.0), axis=-1)
-        # The barrier stops XLA from reassociating (absmax / 6) / g into absmax / (6 g).
-        per_six = jax.lax.optimization_barrier(e2m1.divide(absmax, e2m1.MAX_MAGNITUDE))
-        wanted = jnp.minimum(e2m1.divide(per_six, global_scale), E4M3_MAX)
+        per_six = e2m1.divide(absmax, e2m1.MAX_MAGNITUDE, ptx=ptx)
+        wanted = jnp.minimum(e2m1.divide(per_six, global_scale, ptx=ptx), E4M3_MAX)
         block_scale = e2m1.round_to_float8(jnp.where(bad, jnp.nan, wanted), jnp.float8_e4m3fn)
         denom = block_scale.astype(jnp.float32) * global_scale
         safe = jnp.where(denom > 0, denom, 1.0)[..., None]
-        y = jnp.where(denom[..., None] > 0, e2m1.divide(blocks, safe), 0.0)
+        y = jnp.where(denom[..., None] > 0, e2m1.divide(blocks, safe, ptx=ptx), 0.0)
         codes = e2m1.with_sign(e2m1.magnitude_index_nearest_even(jnp.abs(y)), y)
         codes = jnp.where(bad[..., None], jnp.uint8(0), codes).reshape(x.shape)
         return e2m1.pack(codes), block_scale

@@ -6,7 +6,8 @@ Implementations:
   "reference"      float32 jnp: dequantize the layer, then attend (any backend).
   "pallas_triton"  fused dequantize-and-attend kernel; on CPU it runs in Pallas
                    interpret mode.
-The default is "pallas_triton" on GPU and "reference" elsewhere.
+The default is "pallas_triton" on GPU (for buffers its 32-bit offsets can address) and
+"reference" elsewhere.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ import jax
 import jax.numpy as jnp
 
 from fp4kv_jax.cache import LayerCache
+from fp4kv_jax.kernels import tiles
 from fp4kv_jax.kernels.decode_attention import pallas_triton, reference
 
 IMPLEMENTATIONS = ("reference", "pallas_triton")
 
 
-def default_implementation() -> str:
-    return "pallas_triton" if jax.default_backend() == "gpu" else "reference"
+def default_implementation(layer: LayerCache) -> str:
+    """Pallas on GPU, unless the layer's buffers are too large for its 32-bit offsets."""
+    on_gpu = jax.default_backend() == "gpu"
+    addressable = not any(tiles.overflows_int32_offsets(x) for x in (layer.k, layer.v))
+    return "pallas_triton" if on_gpu and addressable else "reference"
 
 
 def decode_attention(
@@ -47,14 +52,14 @@ def decode_attention(
       lengths: int32 [B], valid positions per sequence (each >= 1).
       sinks: float [Hq] learned sink logits that join the softmax denominator only.
       sm_scale: softmax scale; default 1 / sqrt(D).
-      implementation: one of IMPLEMENTATIONS, or None for `default_implementation()`.
+      implementation: one of IMPLEMENTATIONS, or None for `default_implementation(layer)`.
       **tuning: passed to the Pallas implementation (block_k, num_splits, num_warps,
         num_stages).
 
     Returns:
       [B, Hq, D] in q's dtype.
     """
-    implementation = implementation or default_implementation()
+    implementation = implementation or default_implementation(layer)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
@@ -68,6 +73,9 @@ def decode_attention(
         out = reference.decode_attention(q, layer.k, layer.v, lengths, **args)
         return out.astype(q.dtype)
     interpret = jax.default_backend() != "gpu"
+    if not interpret:
+        tiles.check_addressable(layer.k, "layer")
+        tiles.check_addressable(layer.v, "layer")
     return pallas_triton.decode_attention(
         q, layer.k, layer.v, lengths, interpret=interpret, **args, **tuning
     )

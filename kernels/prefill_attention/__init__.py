@@ -15,7 +15,8 @@ Implementations:
   "reference"      float32 jnp: dequantize the layer, then attend (any backend).
   "pallas_triton"  fused dequantize-and-attend flash kernel; on CPU it runs in Pallas
                    interpret mode.
-The default is "pallas_triton" on GPU and "reference" elsewhere.
+The default is "pallas_triton" on GPU (for buffers its 32-bit offsets can address) and
+"reference" elsewhere.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ import jax
 import jax.numpy as jnp
 
 from fp4kv_jax.cache import LayerCache
+from fp4kv_jax.kernels import tiles
 from fp4kv_jax.kernels.prefill_attention import pallas_triton, reference
 
 IMPLEMENTATIONS = ("reference", "pallas_triton")
 
 
-def default_implementation() -> str:
-    return "pallas_triton" if jax.default_backend() == "gpu" else "reference"
+def default_implementation(layer: LayerCache) -> str:
+    """Pallas on GPU, unless the layer's buffers are too large for its 32-bit offsets."""
+    on_gpu = jax.default_backend() == "gpu"
+    addressable = not any(tiles.overflows_int32_offsets(x) for x in (layer.k, layer.v))
+    return "pallas_triton" if on_gpu and addressable else "reference"
 
 
 def prefill_attention(
@@ -59,14 +64,14 @@ def prefill_attention(
       sm_scale: softmax scale; default 1 / sqrt(D).
       chunk_k, chunk_v: both or neither; float [B, T, Hkv, D], the chunk's
         full-precision keys and values, attended instead of their stored copies.
-      implementation: one of IMPLEMENTATIONS, or None for `default_implementation()`.
+      implementation: one of IMPLEMENTATIONS, or None for `default_implementation(layer)`.
       **tuning: passed to the Pallas implementation (block_t, block_k, num_warps,
         num_stages).
 
     Returns:
       [B, T, Hq, D] in q's dtype.
     """
-    implementation = implementation or default_implementation()
+    implementation = implementation or default_implementation(layer)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
@@ -83,6 +88,9 @@ def prefill_attention(
         out = reference.prefill_attention(q, layer.k, layer.v, start, **args)
         return out.astype(q.dtype)
     interpret = jax.default_backend() != "gpu"
+    if not interpret:
+        tiles.check_addressable(layer.k, "layer")
+        tiles.check_addressable(layer.v, "layer")
     return pallas_triton.prefill_attention(q, layer.k, layer.v, start, interpret=interpret, **args, **tuning)
 
 

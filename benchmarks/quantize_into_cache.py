@@ -1,0 +1,174 @@
+"""GPU benchmark of writing new K (or V) into a large cache, for every cache format.
+
+In one run it measures:
+  copy       the device-to-device copy bandwidth (bytes read plus written), the ceiling;
+  reference  `quantize` of the chunk, then a scatter of its rows (XLA);
+  ours       the one-pass Pallas kernel, for each tuning variant;
+for a decode step (T=1, B=64) and a prefill chunk (T=2048, B=1), each into caches of two
+capacities 8x apart. Every call donates the cache and gets it back, as a model step
+does, so a time that grows with the capacity would be a copy of the whole cache. The
+decode cache stops at 32768 slots: at 65536 an fp8 tensor is exactly 4 GiB, which the
+kernel refuses (`pallas_triton.overflows_int32_offsets`). Speed is the
+bytes moved (new values read, stored rows written) per second, against the copy
+bandwidth. The kernel is first checked against the reference, bit for bit.
+
+    python benchmarks/quantize_into_cache.py                  # every format
+    python benchmarks/quantize_into_cache.py --formats nvfp4 --variants "block_t=32;block_t=128"
+    python benchmarks/quantize_into_cache.py --out DIR        # also write results.json there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import copy_bandwidth_tbs
+from fp4kv_jax import format_names, get_codec
+from fp4kv_jax.cache import empty_tensor
+from fp4kv_jax.kernels.quantize_into_cache import quantize_into_cache
+
+KV_HEADS, HEAD_DIM = 8, 128
+CASES = {
+    "decode": dict(batch=64, tokens=1, capacities=(4096, 32768)),
+    "prefill": dict(batch=1, tokens=2048, capacities=(16384, 131072)),
+}
+
+
+def new_values(key, batch, tokens):
+    """bf16 [B, T, Hkv, D]: normals with four outlier channels (x8), like RoPE'd keys."""
+    x = jax.random.normal(key, (batch, tokens, KV_HEADS, HEAD_DIM), jnp.float32)
+    return x.at[..., jnp.array([5, 17, 70, 101])].multiply(8.0).astype(jnp.bfloat16)
+
+
+def stored_bytes(q) -> list[np.ndarray]:
+    arrays = (q.data,) if q.scales is None else (q.data, q.scales)
+    return [np.asarray(x).view(np.uint8) for x in arrays]
+
+
+def writer(implementation: str, variant: dict):
+    """A jitted step (stored, new, start) -> stored that donates the cache it writes."""
+    def write(stored, new, start):
+        return quantize_into_cache(new, stored, start, implementation=implementation, **variant)
+
+    return jax.jit(write, donate_argnums=0)
+
+
+def median_ms_donating(step, stored, *args, repeats: int = 30, calls: int = 10) -> float:
+    """Median over `repeats` of the mean time of `calls` back-to-back steps, in ms; each
+    step consumes the cache the previous one returned."""
+    stored = jax.block_until_ready(step(stored, *args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            stored = step(stored, *args)
+        jax.block_until_ready(stored)
+        samples.append((time.perf_counter() - start) / calls * 1e3)
+    return statistics.median(samples)
+
+
+def check_correctness(formats) -> list[dict]:
+    """Compiled kernel vs reference on ragged starts, two running past the capacity."""
+    rows = []
+    batch, tokens, capacity = 4, 300, 4096
+    new = new_values(jax.random.key(0), batch, tokens)
+    start = jnp.array([0, 17, 3900, 4095], jnp.int32)
+    for fmt in formats:
+        written = {}
+        for implementation in ("reference", "pallas_triton"):
+            stored = empty_tensor(fmt, (batch, KV_HEADS, capacity, HEAD_DIM))
+            written[implementation] = stored_bytes(writer(implementation, {})(stored, new, start))
+        same = all(np.array_equal(a, b) for a, b in zip(written["reference"], written["pallas_triton"]))
+        rows.append(dict(fmt=fmt, bit_identical=same))
+    return rows
+
+
+def time_case(case, capacity, fmt, variants, copy_tbs) -> list[dict]:
+    batch, tokens = CASES[case]["batch"], CASES[case]["tokens"]
+    new = new_values(jax.random.key(1), batch, tokens)
+    # Sequences at different lengths, none past the capacity.
+    start = jnp.linspace(0, capacity - tokens, batch).astype(jnp.int32)
+    moved = new.nbytes + batch * tokens * KV_HEADS * get_codec(fmt).bytes_per_vector(HEAD_DIM)
+    runs = [("reference", {})] + [("ours", variant) for variant in variants]
+    rows = []
+    for impl, variant in runs:
+        implementation = "reference" if impl == "reference" else "pallas_triton"
+        stored = empty_tensor(fmt, (batch, KV_HEADS, capacity, HEAD_DIM))
+        try:
+            ms = median_ms_donating(writer(implementation, variant), stored, new, start)
+        except Exception as error:  # a variant that does not compile is reported, not fatal
+            print(f"{fmt} {impl} {variant}: {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
+            continue
+        tbs = moved / (ms * 1e-3) / 1e12
+        rows.append(dict(case=case, batch=batch, tokens=tokens, capacity=capacity, fmt=fmt,
+                         impl=impl, variant=variant, ms=ms, bytes=moved, tbs=tbs,
+                         of_copy=tbs / copy_tbs))
+    return rows
+
+
+def table(rows) -> str:
+    lines = [
+        "| case | B | T | capacity | cache | impl | variant | ms | MB moved | TB/s | of copy |",
+        "|---|---|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        variant = ",".join(f"{k}={v}" for k, v in r["variant"].items()) or "-"
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['tokens']} | {r['capacity']} | {r['fmt']} | "
+            f"{r['impl']} | {variant} | {r['ms']:.4f} | {r['bytes'] / 1e6:.2f} | "
+            f"{r['tbs']:.3f} | {r['of_copy']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", default=",".join(format_names()))
+    parser.add_argument("--variants", default="block_t=64", help="';'-separated k=v,k=v tuning sets")
+    parser.add_argument("--out", type=Path, help="directory for results.json")
+    args = parser.parse_args()
+    if jax.default_backend() != "gpu":
+        print("quantize_into_cache.py: needs a GPU.", file=sys.stderr)
+        return 2
+    formats = args.formats.split(",")
+    unknown = set(formats) - set(format_names())
+    if unknown:
+        parser.error(f"--formats: unknown {sorted(unknown)}; valid: {', '.join(format_names())}")
+    variants = [
+        {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+        for spec in args.variants.split(";")
+    ]
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind}; jax {jax.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    checks = check_correctness(formats)
+    for c in checks:
+        print(f"check {c['fmt']:9s}: bit-identical to the reference: {c['bit_identical']}")
+    copy_tbs = copy_bandwidth_tbs()
+    print(f"copy bandwidth: {copy_tbs:.2f} TB/s (read + write)")
+    rows = []
+    for case in CASES:
+        for capacity in CASES[case]["capacities"]:
+            case_rows = []
+            for fmt in formats:
+                case_rows += time_case(case, capacity, fmt, variants, copy_tbs)
+            print(table(case_rows), flush=True)
+            rows += case_rows
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(
+            dict(device=device.device_kind, jax=jax.__version__, copy_tbs=copy_tbs,
+                 checks=checks, rows=rows), indent=1))
+    print("\n" + table(rows))
+    return 0 if all(c["bit_identical"] for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
