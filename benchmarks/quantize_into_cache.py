@@ -8,7 +8,7 @@ for a decode step (T=1, B=64) and a prefill chunk (T=2048, B=1), each into cache
 capacities 8x apart. Every call donates the cache and gets it back, as a model step
 does, so a time that grows with the capacity would be a copy of the whole cache. The
 decode cache stops at 32768 slots: at 65536 an fp8 tensor is exactly 4 GiB, which the
-kernel refuses (`pallas_triton.overflows_int32_offsets`). Speed is the
+kernel refuses (`fp4kv_jax.kernels.tiles.overflows_int32_offsets`). Speed is the
 bytes moved (new values read, stored rows written) per second, against the copy
 bandwidth. The kernel is first checked against the reference, bit for bit.
 
