@@ -4,8 +4,8 @@ In one run it measures:
   copy       the device-to-device copy bandwidth (bytes read plus written), the ceiling;
   reference  `quantize` of the chunk, then a scatter of its rows (XLA);
   ours       the one-pass Pallas kernel, for each tuning variant;
-for a decode step (T=1, B=64) and a prefill chunk (T=2048, B=1), each into caches of two
-capacities 8x apart. Every call donates the cache and gets it back, as a model step
+for a decode step (T=1, B=64), a prefill chunk (T=2048, B=1) and a bulk write (T=8192,
+B=8), each into caches of two capacities 4x to 8x apart. Every call donates the cache and gets it back, as a model step
 does, so a time that grows with the capacity would be a copy of the whole cache. The
 decode cache stops at 32768 slots: at 65536 an fp8 tensor is exactly 4 GiB, which the
 kernel refuses (`fp4kv_jax.kernels.tiles.overflows_int32_offsets`). Speed is the
@@ -39,6 +39,9 @@ KV_HEADS, HEAD_DIM = 8, 128
 CASES = {
     "decode": dict(batch=64, tokens=1, capacities=(4096, 32768)),
     "prefill": dict(batch=1, tokens=2048, capacities=(16384, 131072)),
+    # Large enough (134 MB of new bf16 values) that a call's time is the GPU's, not
+    # the dispatch's.
+    "bulk": dict(batch=8, tokens=8192, capacities=(16384, 65536)),
 }
 
 
