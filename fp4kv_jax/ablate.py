@@ -1,6 +1,7 @@
 """`fp4kv ablate`: what each KV-cache dtype costs and buys, on a real model and real text.
 
-Every row is a cache recipe (for now one per cache dtype, named after it). A row
+Every row is a cache recipe: a cache dtype, optionally with accuracy options
+("nvfp4+hadamard"), named by that string (`recipe_from_name`). A row
 scores the same token windows, one prefill per window, with attention reading keys
 and values back as stored in the row's cache, and is compared token by token with the
 reference row (bf16): perplexity and its change with a paired block-bootstrap
@@ -36,28 +37,48 @@ REFERENCE = "bf16"
 LAYER_TENSORS = ("k", "v", "attention_output")
 
 
+# Recipe suffixes a row name may add to a cache dtype, and the `init_cache` options
+# each turns on: "nvfp4+hadamard" is nvfp4 with keys stored Hadamard-rotated.
+RECIPE_OPTIONS = {
+    "hadamard": (("rotate_keys", True),),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheRecipe:
     """One row of the ablation: its name and the cache its forward passes go through.
 
     Attributes:
       name: the row's key in the results.
-      cache_dtype: the cache format. It also sets the row's memory figures and the
-        cache of its greedy continuations, which go through `generate`.
+      cache_dtype: the cache format. It also sets the row's memory figures.
+      options: more `fp4kv_jax.cache.init_cache` keyword arguments, as (name, value)
+        pairs; the row's greedy continuations use the same cache.
     """
 
     name: str
     cache_dtype: str
+    options: tuple[tuple[str, object], ...] = ()
 
     def build_cache(self, model, batch_size: int, max_len: int) -> kv_cache.KVCache:
         """An empty cache for `batch_size` windows of `max_len` tokens."""
-        return model.init_cache(batch_size, max_len, self.cache_dtype)
+        return model.init_cache(batch_size, max_len, self.cache_dtype, **dict(self.options))
 
 
-def dtype_recipe(cache_dtype: str) -> CacheRecipe:
-    """The plain recipe of one cache dtype, named after it."""
+def recipe_from_name(name: str) -> CacheRecipe:
+    """The recipe a row name spells: a cache dtype, then optional "+suffix" parts.
+
+    For example "fp4_e2m1" or "nvfp4+hadamard"; suffixes are the keys of RECIPE_OPTIONS.
+    """
+    cache_dtype, *suffixes = name.split("+")
     get_codec(cache_dtype, arg="cache_dtype")
-    return CacheRecipe(name=cache_dtype, cache_dtype=cache_dtype)
+    unknown = [suffix for suffix in suffixes if suffix not in RECIPE_OPTIONS]
+    if unknown:
+        raise ValueError(
+            f"cache_dtype: unknown recipe suffix(es) {unknown} in {name!r}; valid: "
+            f"{', '.join('+' + key for key in RECIPE_OPTIONS)}."
+        )
+    options = tuple(option for suffix in suffixes for option in RECIPE_OPTIONS[suffix])
+    return CacheRecipe(name=name, cache_dtype=cache_dtype, options=options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +333,7 @@ def _row(
     return {
         "name": recipe.name,
         "cache_dtype": recipe.cache_dtype,
+        "cache_options": dict(recipe.options),
         "perplexity": float(np.exp(nll.mean())),
         "delta_ppl_pct": float(100 * np.expm1(nll.mean() - reference_nll.mean())),
         "delta_ppl_ci95": [low, high],
@@ -352,7 +374,7 @@ def run_ablation(
 
     Returns:
       One dict per recipe, in order:
-        name, cache_dtype: the recipe.
+        name, cache_dtype, cache_options: the recipe.
         perplexity: exp of the mean NLL over all scored tokens.
         delta_ppl_pct, delta_ppl_ci95: 100 * (perplexity / reference's - 1) and its 95%
           paired block-bootstrap interval [low, high].
@@ -394,7 +416,7 @@ def run_ablation(
         bar.set_postfix_str(f"{recipe.name}, greedy")
         continuations[recipe.name] = generate(
             model, prompts, max_new_tokens=settings.greedy_tokens, cache_dtype=recipe.cache_dtype,
-            eos_token_ids=(),  # every continuation runs its full length
+            cache_options=dict(recipe.options), eos_token_ids=(),  # every continuation runs its full length
         ).tokens
         bar.update()
     bar.close()
@@ -444,7 +466,8 @@ def ablate(
     Args:
       model: a model with a tokenizer; model_name is what the results call it.
       corpus_name, texts: the corpus, as `load_corpus` returns it.
-      cache_dtypes: the rows; bf16, the reference, is put first when missing.
+      cache_dtypes: the rows, as names `recipe_from_name` reads; bf16, the reference,
+        is put first when missing.
       context: tokens per window; tokens: scored tokens in all, at most.
       prompts: greedy-continuation prompts.
 
@@ -456,7 +479,7 @@ def ablate(
     prompt_ids = corpus_prompts(token_ids, prompts, min(settings.prompt_tokens, context))
     names = list(dict.fromkeys([REFERENCE, *cache_dtypes]))
     rows = run_ablation(
-        model, windows, prompt_ids, [dtype_recipe(name) for name in names], settings,
+        model, windows, prompt_ids, [recipe_from_name(name) for name in names], settings,
         progress=progress,
     )
     scored = windows.shape[1] - 1

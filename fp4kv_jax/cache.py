@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from fp4kv_jax.formats import QuantizedTensor, get_codec
 from fp4kv_jax.kernels.quantize_into_cache import quantize_into_cache, token_slots
 from fp4kv_jax.models.configs import ModelConfig, get_config
+from fp4kv_jax.rotation import hadamard_matrix, hadamard_rotate
 
 
 class CacheOverflowError(ValueError):
@@ -53,12 +54,15 @@ class LayerCache:
       k, v: the stored keys and values.
       window: the layer's attention window in positions, or None for full attention.
       ring: whether capacity == window and position p is stored in slot p % window.
+      rotated: whether keys are stored rotated by the Hadamard matrix along head_dim
+        (`fp4kv_jax.rotation`); attention then rotates its queries the same way.
     """
 
     k: QuantizedTensor
     v: QuantizedTensor
     window: int | None = dataclasses.field(metadata=dict(static=True))
     ring: bool = dataclasses.field(metadata=dict(static=True))
+    rotated: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def capacity(self) -> int:
@@ -133,6 +137,7 @@ def init_cache(
     cache_dtype: str | Sequence[str] = "bf16",
     *,
     trim_sliding_layers: bool = False,
+    rotate_keys: bool = False,
 ) -> KVCache:
     """An empty cache for `config` (a ModelConfig, built-in id or HF directory).
 
@@ -142,12 +147,17 @@ def init_cache(
       cache_dtype: one format name for every layer, or one per layer.
       trim_sliding_layers: sliding-window layers keep only their last `sliding_window`
         positions, in a ring buffer.
+      rotate_keys: store keys rotated by the Hadamard matrix along head_dim (an
+        accuracy recipe for block formats; exact in attention). head_dim must be a
+        power of two.
     """
     config = get_config(config)
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}.")
     formats = _layer_formats(cache_dtype, config.num_layers)
+    if rotate_keys:
+        hadamard_matrix(config.head_dim)  # refuses a head_dim that is not a power of two
     layers = []
     for layer, fmt in enumerate(formats):
         get_codec(fmt).check_last_dim(config.head_dim, arg="head_dim")
@@ -155,7 +165,9 @@ def init_cache(
         ring = trim_sliding_layers and window is not None and window < max_len
         capacity = window if ring else max_len
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
-        layers.append(LayerCache(empty_tensor(fmt, shape), empty_tensor(fmt, shape), window, ring))
+        layers.append(
+            LayerCache(empty_tensor(fmt, shape), empty_tensor(fmt, shape), window, ring, rotate_keys)
+        )
     return KVCache(
         layers=tuple(layers),
         lengths=jnp.zeros((batch_size,), jnp.int32),
@@ -223,6 +235,8 @@ def write_layer(
     if _is_concrete(cache.lengths) and bool(jnp.any(cache.lengths + counts > cache.max_len)):
         raise CacheOverflowError(_overflow_message(cache, counts))
 
+    if lc.rotated:
+        k = hadamard_rotate(k)
     # Tokens past max_len are dropped; `advance` flags the overflow.
     fitting = jnp.minimum(counts, jnp.maximum(cache.max_len - cache.lengths, 0))
 
@@ -301,7 +315,10 @@ def read_layer(
     from fp4kv_jax.formats import dequantize
 
     lc = cache.layers[layer]
-    return dequantize(lc.k, dtype), dequantize(lc.v, dtype), slot_positions(cache, layer)
+    k = dequantize(lc.k, dtype)
+    if lc.rotated:
+        k = hadamard_rotate(k)  # its own inverse
+    return k, dequantize(lc.v, dtype), slot_positions(cache, layer)
 
 
 def set_global_scales(

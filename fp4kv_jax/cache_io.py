@@ -20,7 +20,10 @@ def _layout(cache: KVCache) -> dict:
         "max_len": cache.max_len,
         "batch_size": cache.batch_size,
         "layers": [
-            {"fmt": lc.fmt, "shape": list(lc.k.shape), "window": lc.window, "ring": lc.ring}
+            {
+                "fmt": lc.fmt, "shape": list(lc.k.shape), "window": lc.window, "ring": lc.ring,
+                "rotated": lc.rotated,
+            }
             for lc in cache.layers
         ],
     }
@@ -33,6 +36,7 @@ def _empty_from_layout(layout: dict) -> KVCache:
             empty_tensor(spec["fmt"], tuple(spec["shape"])),
             spec["window"],
             spec["ring"],
+            spec.get("rotated", False),
         )
         for spec in layout["layers"]
     )

@@ -46,6 +46,20 @@ def _cache_dtype_list(text: str) -> list[str]:
     return names
 
 
+def _recipe_list(text: str) -> list[str]:
+    from fp4kv_jax.ablate import recipe_from_name
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no cache dtypes given; valid: {', '.join(format_names())}")
+    for name in names:
+        try:
+            recipe_from_name(name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return names
+
+
 def chat_prompt(tokenizer, prompt: str) -> str:
     """`prompt` as one user turn in the model's chat template (from the GGUF)."""
     import jinja2
@@ -111,8 +125,9 @@ def run_generate(args) -> int:
 
 
 def run_ablate(args) -> int:
-    from fp4kv_jax.ablate import AblationSettings, ablate, load_corpus, markdown_table, write_outputs
-    from fp4kv_jax.formats import get_codec
+    from fp4kv_jax.ablate import (
+        AblationSettings, ablate, load_corpus, markdown_table, recipe_from_name, write_outputs,
+    )
     from fp4kv_jax.models import from_pretrained
 
     if args.context < 2:
@@ -133,8 +148,11 @@ def run_ablate(args) -> int:
             f"--context: {args.context} exceeds the model's max_position_embeddings "
             f"({model.config.max_position_embeddings})."
         )
-    for fmt in args.cache_dtypes:
-        get_codec(fmt).check_last_dim(model.config.head_dim, arg="--cache-dtypes")
+    for name in args.cache_dtypes:
+        try:
+            recipe_from_name(name).build_cache(model, 1, 1)  # refuses what the model can't hold
+        except ValueError as error:
+            raise ValueError(f"--cache-dtypes: {name}: {error}") from None
     results = ablate(
         model, args.model, corpus_name, texts, args.cache_dtypes, context=args.context,
         tokens=args.tokens, prompts=args.prompts,
@@ -188,9 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--corpus", help="a UTF-8 text file (default: the works of Shakespeare)")
     abl.add_argument(
         "--cache-dtypes",
-        type=_cache_dtype_list,
+        type=_recipe_list,
         default=["bf16", "fp8_e4m3", "fp4_e2m1", "mxfp4", "nvfp4"],
-        help="comma-separated cache dtypes; bf16, the reference, is always scored "
+        help="comma-separated cache dtypes, each optionally with recipe suffixes such as "
+        "nvfp4+hadamard; bf16, the reference, is always scored "
         "(default: bf16,fp8_e4m3,fp4_e2m1,mxfp4,nvfp4)",
     )
     abl.add_argument("--context", type=int, default=512, help="tokens per scored window")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +138,7 @@ def generate(
     *,
     max_new_tokens: int,
     cache_dtype: str = "bf16",
+    cache_options: Mapping[str, Any] | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -154,6 +156,8 @@ def generate(
         may differ.
       max_new_tokens: tokens to generate per sequence, at most.
       cache_dtype: any cache format name, or "auto" for the model's own dtype.
+      cache_options: more keyword arguments of `fp4kv_jax.cache.init_cache`, such as
+        rotate_keys=True.
       temperature: 0 for greedy decoding; otherwise the softmax temperature.
       top_k, top_p: sampling filters (None for off). The same seed gives the same tokens.
       eos_token_ids: tokens that end a sequence; default the config's `eos_token_id`.
@@ -201,7 +205,7 @@ def generate(
         input_ids[row, : len(ids)] = ids
     num_tokens = jnp.asarray([len(ids) for ids in lists], jnp.int32)
     graphdef, state = nnx.split(model)
-    cache = model.init_cache(len(lists), max_len, cache_dtype)
+    cache = model.init_cache(len(lists), max_len, cache_dtype, **(cache_options or {}))
     logits, cache = jax.block_until_ready(_prefill(graphdef, state, input_ids, num_tokens, cache))
     prefill_seconds = time.perf_counter() - start
 

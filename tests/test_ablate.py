@@ -19,10 +19,10 @@ from fp4kv_jax.ablate import (
     AblationSettings,
     ablate,
     corpus_windows,
-    dtype_recipe,
     load_corpus,
     matching_prefix_length,
     paired_block_bootstrap,
+    recipe_from_name,
     score_window,
     tokenize_texts,
     write_outputs,
@@ -72,13 +72,15 @@ def _rows(results):
     return {row["name"]: row for row in results["results"]}
 
 
-def test_one_pass_window_score_equals_token_by_token_decode_through_the_same_cache(llama):
+@pytest.mark.parametrize("row", ["fp4_e2m1", "nvfp4+hadamard"])
+def test_one_pass_window_score_equals_token_by_token_decode_through_the_same_cache(llama, row):
     with np.load(FIXTURES / "llama" / "golden.npz") as golden:
         input_ids = golden["input_ids"][:1, :12]
-    scored = np.asarray(score_window(llama, input_ids, dtype_recipe("fp4_e2m1")).nll[0])
+    recipe = recipe_from_name(row)
+    scored = np.asarray(score_window(llama, input_ids, recipe).nll[0])
 
     decode_step = nnx.jit(lambda model, token, cache: model(token, cache=cache))
-    cache = llama.init_cache(1, 12, "fp4_e2m1")
+    cache = recipe.build_cache(llama, 1, 12)
     decoded = []
     for t in range(11):
         logits, cache = decode_step(llama, input_ids[:, t : t + 1], cache)
@@ -87,6 +89,18 @@ def test_one_pass_window_score_equals_token_by_token_decode_through_the_same_cac
 
     no_cache = -jax.nn.log_softmax(llama(input_ids)[0, :-1])[np.arange(11), input_ids[0, 1:]]
     assert np.abs(scored - np.asarray(no_cache)).max() > 1e-3  # the cache's FP4 is really read
+
+
+def test_recipe_names_spell_a_cache_dtype_and_its_options():
+    recipe = recipe_from_name("nvfp4+hadamard")
+    assert (recipe.name, recipe.cache_dtype, dict(recipe.options)) == (
+        "nvfp4+hadamard", "nvfp4", {"rotate_keys": True}
+    )
+    assert recipe_from_name("fp8_e4m3").options == ()
+    with pytest.raises(ValueError, match=r"unknown recipe suffix\(es\) \['rotate'\].*valid: \+hadamard"):
+        recipe_from_name("nvfp4+rotate")
+    with pytest.raises(ValueError, match="cache_dtype"):
+        recipe_from_name("fp5+hadamard")
 
 
 def test_windows_are_contiguous_spread_over_the_corpus_and_cap_the_scored_tokens():
@@ -151,7 +165,7 @@ def test_perplexity_is_that_of_the_one_pass_window_scores(llama, corpus_file, re
     token_ids = tokenize_texts(llama.tokenizer, [corpus_file.read_text()])
     windows = corpus_windows(token_ids, config["context"], config["tokens"])
     assert config["windows"] == len(windows) and config["scored_tokens"] == windows.size - len(windows)
-    nll = np.concatenate([np.asarray(score_window(llama, w[None], dtype_recipe("fp4_e2m1")).nll) for w in windows])
+    nll = np.concatenate([np.asarray(score_window(llama, w[None], recipe_from_name("fp4_e2m1")).nll) for w in windows])
     fp4 = _rows(results)["fp4_e2m1"]
     assert fp4["perplexity"] == pytest.approx(np.exp(nll.mean()), rel=1e-5)
     low, high = fp4["delta_ppl_ci95"]

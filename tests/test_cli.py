@@ -60,6 +60,7 @@ def test_generate_refuses_a_model_without_tokenizer(capsys):
     (["--context", "64", "--tokens", "32"], "--tokens: must be at least --context (64)"),
     (["--prompts", "0"], "--prompts: must be at least 1"),
     (["--corpus", "/no/such/corpus.txt"], "--corpus: '/no/such/corpus.txt' is not a file"),
+    (["--cache-dtypes", "bf16,nvfp4+rotate"], "unknown recipe suffix(es) ['rotate']"),
 ])
 def test_ablate_refuses_bad_arguments_before_any_work(capsys, arguments, message):
     assert main(["ablate", *arguments]) == 2

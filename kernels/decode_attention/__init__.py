@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.kernels import tiles
+from fp4kv_jax.rotation import hadamard_rotate
 from fp4kv_jax.kernels.decode_attention import pallas_triton, reference
 
 IMPLEMENTATIONS = ("reference", "pallas_triton")
@@ -66,6 +67,8 @@ def decode_attention(
         )
     batch, num_heads, head_dim = _check(q, layer, lengths, sinks)
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    if layer.rotated:
+        q = hadamard_rotate(q)  # scores are unchanged: (q H) . (k H) = q . k
     args = dict(sm_scale=sm_scale, window=layer.window, ring=layer.ring, sinks=sinks)
     if implementation == "reference":
         if tuning:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.kernels import tiles
+from fp4kv_jax.rotation import hadamard_rotate
 from fp4kv_jax.kernels.prefill_attention import pallas_triton, reference
 
 IMPLEMENTATIONS = ("reference", "pallas_triton")
@@ -78,6 +79,10 @@ def prefill_attention(
         )
     _check(q, layer, start, sinks, chunk_k, chunk_v)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if layer.rotated:
+        # Scores are unchanged: (q H) . (k H) = q . k.
+        q = hadamard_rotate(q)
+        chunk_k = None if chunk_k is None else hadamard_rotate(chunk_k)
     args = dict(
         sm_scale=sm_scale, window=layer.window, ring=layer.ring, sinks=sinks, chunk_k=chunk_k,
         chunk_v=chunk_v,
