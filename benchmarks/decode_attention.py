@@ -11,11 +11,14 @@ format. Speed is reported as a ratio to cuDNN bf16 from the same run.
     python benchmarks/decode_attention.py                 # the target shape only
     python benchmarks/decode_attention.py --sweep         # batch x context x heads sweep
     python benchmarks/decode_attention.py --out DIR       # also write results.json there
+    python benchmarks/decode_attention.py --variants "block_k=64;block_k=64,rotated=1"
+                                                          # rotated=1: Hadamard-rotated keys
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -87,10 +90,14 @@ def time_shape(shape, formats, variants, copy_tbs) -> list[dict]:
             ms = median_ms(jax.jit(unfused), q, layer)
             rows.append(dict(shape=shape, impl="unfused", fmt=fmt, ms=ms, bytes=nbytes))
         for variant in variants:
-            fused = jax.jit(lambda q, layer, lengths, variant=variant: decode_attention(
-                q, layer, lengths, implementation="pallas_triton", **variant))
+            # `rotated=1` times a layer whose keys are stored Hadamard-rotated: the op
+            # then rotates the queries too (the same kernel otherwise).
+            tuning = {key: value for key, value in variant.items() if key != "rotated"}
+            timed = dataclasses.replace(layer, rotated=bool(variant.get("rotated", 0)))
+            fused = jax.jit(lambda q, layer, lengths, tuning=tuning: decode_attention(
+                q, layer, lengths, implementation="pallas_triton", **tuning))
             try:
-                ms = median_ms(fused, q, layer, lengths)
+                ms = median_ms(fused, q, timed, lengths)
             except Exception as error:  # a variant that does not compile is reported, not fatal
                 print(f"{fmt} {variant}: {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
                 continue

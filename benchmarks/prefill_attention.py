@@ -13,11 +13,13 @@ TFLOP/s counts the causal work, 4 * D * (attended query-key pairs) * Hq, for eve
 row. It first checks the kernel against the float32 reference on a small shape.
 
     python benchmarks/prefill_attention.py [--formats ...] [--variants "block_t=8;block_k=32"]
+    (a variant's rotated=1 times Hadamard-rotated keys)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -72,10 +74,14 @@ def time_workload(name, head_dim, formats, variants) -> list[dict]:
     for fmt in formats:
         layer = LayerCache(k=quantize(k, fmt), v=quantize(v, fmt), window=None, ring=False)
         for variant in variants:
-            fused = jax.jit(lambda q, layer, start, variant=variant: prefill_attention(
-                q, layer, start, implementation="pallas_triton", **variant))
+            # `rotated=1` times a layer whose keys are stored Hadamard-rotated: the op
+            # then rotates the queries too (the same kernel otherwise).
+            tuning = {key: value for key, value in variant.items() if key != "rotated"}
+            timed = dataclasses.replace(layer, rotated=bool(variant.get("rotated", 0)))
+            fused = jax.jit(lambda q, layer, start, tuning=tuning: prefill_attention(
+                q, layer, start, implementation="pallas_triton", **tuning))
             try:
-                ms = median_ms(fused, q, layer, start, repeats=10, calls=3)
+                ms = median_ms(fused, q, timed, start, repeats=10, calls=3)
             except Exception as error:  # a variant that does not compile is reported, not fatal
                 print(f"{name} D={head_dim} {fmt} {variant}: {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
                 continue
@@ -106,6 +112,7 @@ def main() -> int:
     parser.add_argument("--formats", default="bf16,fp8_e4m3,fp4_e2m1,nvfp4,mxfp4")
     parser.add_argument("--variants", default="block_k=64", help="';'-separated k=v,k=v tuning sets")
     parser.add_argument("--head-dims", default="128,64")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"any of {', '.join(WORKLOADS)}")
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
         print("prefill_attention.py: needs a GPU.", file=sys.stderr)
@@ -125,7 +132,7 @@ def main() -> int:
         print(f"check {c['fmt']:9s}: rel_err={c['rel_err']:.2e} finite={c['finite']}")
     rows = []
     for head_dim in (int(d) for d in args.head_dims.split(",")):
-        for name in WORKLOADS:
+        for name in args.workloads.split(","):
             shape_rows = time_workload(name, head_dim, formats, variants)
             print(table(shape_rows), flush=True)
             rows += shape_rows
