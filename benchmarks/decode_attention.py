@@ -93,7 +93,7 @@ def time_shape(shape, formats, variants, copy_tbs) -> list[dict]:
             # `rotated=1` times a layer whose keys are stored Hadamard-rotated: the op
             # then rotates the queries too (the same kernel otherwise).
             tuning = {key: value for key, value in variant.items() if key != "rotated"}
-            timed = dataclasses.replace(layer, rotated=bool(variant.get("rotated", 0)))
+            timed = dataclasses.replace(layer, keys_rotated=bool(variant.get("rotated", 0)))
             fused = jax.jit(lambda q, layer, lengths, tuning=tuning: decode_attention(
                 q, layer, lengths, implementation="pallas_triton", **tuning))
             try:

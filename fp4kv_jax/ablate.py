@@ -38,9 +38,11 @@ LAYER_TENSORS = ("k", "v", "attention_output")
 
 
 # Recipe suffixes a row name may add to a cache dtype, and the `init_cache` options
-# each turns on: "nvfp4+hadamard" is nvfp4 with keys stored Hadamard-rotated.
+# each turns on: "nvfp4+hadamard" is nvfp4 with keys stored Hadamard-rotated,
+# "nvfp4+hadamard+hadamard_v" with values rotated too.
 RECIPE_OPTIONS = {
     "hadamard": (("rotate_keys", True),),
+    "hadamard_v": (("rotate_values", True),),
 }
 
 

@@ -54,15 +54,18 @@ class LayerCache:
       k, v: the stored keys and values.
       window: the layer's attention window in positions, or None for full attention.
       ring: whether capacity == window and position p is stored in slot p % window.
-      rotated: whether keys are stored rotated by the Hadamard matrix along head_dim
-        (`fp4kv_jax.rotation`); attention then rotates its queries the same way.
+      keys_rotated: whether keys are stored rotated by the Hadamard matrix along
+        head_dim (`fp4kv_jax.rotation`); attention then rotates its queries the same way.
+      values_rotated: whether values are stored rotated so; attention then rotates its
+        output back (softmax weights times V H, times H, is the plain output).
     """
 
     k: QuantizedTensor
     v: QuantizedTensor
     window: int | None = dataclasses.field(metadata=dict(static=True))
     ring: bool = dataclasses.field(metadata=dict(static=True))
-    rotated: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    keys_rotated: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    values_rotated: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def capacity(self) -> int:
@@ -138,6 +141,7 @@ def init_cache(
     *,
     trim_sliding_layers: bool = False,
     rotate_keys: bool = False,
+    rotate_values: bool = False,
 ) -> KVCache:
     """An empty cache for `config` (a ModelConfig, built-in id or HF directory).
 
@@ -150,13 +154,14 @@ def init_cache(
       rotate_keys: store keys rotated by the Hadamard matrix along head_dim (an
         accuracy recipe for block formats; exact in attention). head_dim must be a
         power of two.
+      rotate_values: store values rotated the same way (likewise exact).
     """
     config = get_config(config)
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}.")
     formats = _layer_formats(cache_dtype, config.num_layers)
-    if rotate_keys:
+    if rotate_keys or rotate_values:
         hadamard_matrix(config.head_dim)  # refuses a head_dim that is not a power of two
     layers = []
     for layer, fmt in enumerate(formats):
@@ -166,7 +171,10 @@ def init_cache(
         capacity = window if ring else max_len
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
         layers.append(
-            LayerCache(empty_tensor(fmt, shape), empty_tensor(fmt, shape), window, ring, rotate_keys)
+            LayerCache(
+                empty_tensor(fmt, shape), empty_tensor(fmt, shape), window, ring, rotate_keys,
+                rotate_values,
+            )
         )
     return KVCache(
         layers=tuple(layers),
@@ -235,8 +243,10 @@ def write_layer(
     if _is_concrete(cache.lengths) and bool(jnp.any(cache.lengths + counts > cache.max_len)):
         raise CacheOverflowError(_overflow_message(cache, counts))
 
-    if lc.rotated:
+    if lc.keys_rotated:
         k = hadamard_rotate(k)
+    if lc.values_rotated:
+        v = hadamard_rotate(v)
     # Tokens past max_len are dropped; `advance` flags the overflow.
     fitting = jnp.minimum(counts, jnp.maximum(cache.max_len - cache.lengths, 0))
 
@@ -315,10 +325,11 @@ def read_layer(
     from fp4kv_jax.formats import dequantize
 
     lc = cache.layers[layer]
-    k = dequantize(lc.k, dtype)
-    if lc.rotated:
-        k = hadamard_rotate(k)  # its own inverse
-    return k, dequantize(lc.v, dtype), slot_positions(cache, layer)
+    k, v = dequantize(lc.k, dtype), dequantize(lc.v, dtype)
+    # The rotation is its own inverse.
+    k = hadamard_rotate(k) if lc.keys_rotated else k
+    v = hadamard_rotate(v) if lc.values_rotated else v
+    return k, v, slot_positions(cache, layer)
 
 
 def set_global_scales(

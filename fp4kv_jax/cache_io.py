@@ -22,7 +22,7 @@ def _layout(cache: KVCache) -> dict:
         "layers": [
             {
                 "fmt": lc.fmt, "shape": list(lc.k.shape), "window": lc.window, "ring": lc.ring,
-                "rotated": lc.rotated,
+                "keys_rotated": lc.keys_rotated, "values_rotated": lc.values_rotated,
             }
             for lc in cache.layers
         ],
@@ -36,7 +36,8 @@ def _empty_from_layout(layout: dict) -> KVCache:
             empty_tensor(spec["fmt"], tuple(spec["shape"])),
             spec["window"],
             spec["ring"],
-            spec.get("rotated", False),
+            spec.get("keys_rotated", False),
+            spec.get("values_rotated", False),
         )
         for spec in layout["layers"]
     )

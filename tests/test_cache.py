@@ -144,17 +144,19 @@ def test_global_scales_are_settable_only_on_an_empty_cache():
         C.set_global_scales(C.update(cache, [x] * 2, [x] * 2), [1.0, 1.0], [1.0, 1.0])
 
 
-def test_rotated_keys_read_back_as_written_and_leave_attention_unchanged():
+def test_rotated_keys_and_values_read_back_as_written_and_leave_attention_unchanged():
     from fp4kv_jax.kernels.decode_attention import decode_attention
 
     k, v = _kv(2, 2, 6), _kv(3, 2, 6)
     q = jax.random.normal(jax.random.key(4), (2, TINY.num_heads, TINY.head_dim))
     plain = C.update(C.init_cache(TINY, 2, 8, "float32"), [k] * 2, [v] * 2)
-    rotated = C.update(C.init_cache(TINY, 2, 8, "float32", rotate_keys=True), [k] * 2, [v] * 2)
-    assert rotated.layers[1].rotated
-    stored = dequantize(rotated.layers[1].k)[:, :, :6]
-    assert not np.allclose(stored, k.swapaxes(1, 2), atol=1e-3)  # stored rotated
-    np.testing.assert_allclose(C.read_layer(rotated, 1)[0], C.read_layer(plain, 1)[0], atol=1e-5)
+    rotated = C.init_cache(TINY, 2, 8, "float32", rotate_keys=True, rotate_values=True)
+    rotated = C.update(rotated, [k] * 2, [v] * 2)
+    assert rotated.layers[1].keys_rotated and rotated.layers[1].values_rotated
+    for stored, written in ((rotated.layers[1].k, k), (rotated.layers[1].v, v)):
+        assert not np.allclose(dequantize(stored)[:, :, :6], written.swapaxes(1, 2), atol=1e-3)
+    for read, expected in zip(C.read_layer(rotated, 1), C.read_layer(plain, 1)):
+        np.testing.assert_allclose(read, expected, atol=1e-5)
     for layer in (0, 1):
         np.testing.assert_allclose(
             decode_attention(q, rotated.layers[layer], rotated.lengths, implementation="reference"),

@@ -67,21 +67,24 @@ def decode_attention(
         )
     batch, num_heads, head_dim = _check(q, layer, lengths, sinks)
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-    if layer.rotated:
+    if layer.keys_rotated:
         q = hadamard_rotate(q)  # scores are unchanged: (q H) . (k H) = q . k
     args = dict(sm_scale=sm_scale, window=layer.window, ring=layer.ring, sinks=sinks)
     if implementation == "reference":
         if tuning:
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
         out = reference.decode_attention(q, layer.k, layer.v, lengths, **args)
-        return out.astype(q.dtype)
-    interpret = jax.default_backend() != "gpu"
-    if not interpret:
-        tiles.check_addressable(layer.k, "layer")
-        tiles.check_addressable(layer.v, "layer")
-    return pallas_triton.decode_attention(
-        q, layer.k, layer.v, lengths, interpret=interpret, **args, **tuning
-    )
+    else:
+        interpret = jax.default_backend() != "gpu"
+        if not interpret:
+            tiles.check_addressable(layer.k, "layer")
+            tiles.check_addressable(layer.v, "layer")
+        out = pallas_triton.decode_attention(
+            q, layer.k, layer.v, lengths, interpret=interpret, **args, **tuning
+        )
+    if layer.values_rotated:
+        out = hadamard_rotate(out)  # weights . (V H), times H, is weights . V
+    return out.astype(q.dtype)
 
 
 def _check(q, layer, lengths, sinks):

@@ -79,10 +79,12 @@ def prefill_attention(
         )
     _check(q, layer, start, sinks, chunk_k, chunk_v)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if layer.rotated:
+    if layer.keys_rotated:
         # Scores are unchanged: (q H) . (k H) = q . k.
         q = hadamard_rotate(q)
         chunk_k = None if chunk_k is None else hadamard_rotate(chunk_k)
+    if layer.values_rotated and chunk_v is not None:
+        chunk_v = hadamard_rotate(chunk_v)
     args = dict(
         sm_scale=sm_scale, window=layer.window, ring=layer.ring, sinks=sinks, chunk_k=chunk_k,
         chunk_v=chunk_v,
@@ -91,12 +93,17 @@ def prefill_attention(
         if tuning:
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
         out = reference.prefill_attention(q, layer.k, layer.v, start, **args)
-        return out.astype(q.dtype)
-    interpret = jax.default_backend() != "gpu"
-    if not interpret:
-        tiles.check_addressable(layer.k, "layer")
-        tiles.check_addressable(layer.v, "layer")
-    return pallas_triton.prefill_attention(q, layer.k, layer.v, start, interpret=interpret, **args, **tuning)
+    else:
+        interpret = jax.default_backend() != "gpu"
+        if not interpret:
+            tiles.check_addressable(layer.k, "layer")
+            tiles.check_addressable(layer.v, "layer")
+        out = pallas_triton.prefill_attention(
+            q, layer.k, layer.v, start, interpret=interpret, **args, **tuning
+        )
+    if layer.values_rotated:
+        out = hadamard_rotate(out)  # weights . (V H), times H, is weights . V
+    return out.astype(q.dtype)
 
 
 def _check(q, layer, start, sinks, chunk_k, chunk_v):

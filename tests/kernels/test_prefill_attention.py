@@ -35,8 +35,9 @@ def _realistic_keys(key, shape):
     return jnp.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
 
 
-def _chunk_after_prefix(seed, fmt, heads, kv_heads, head_dim, prefix, chunk, window=None, trim=False):
-    """A cache holding each sequence's prefix, then a chunk written after it.
+def _chunk_after_prefix(seed, fmt, heads, kv_heads, head_dim, prefix, chunk, window=None, trim=False, rotate=False):
+    """A cache holding each sequence's prefix, then a chunk written after it (keys and
+    values Hadamard-rotated when `rotate`).
 
     Returns (layer, start, q [B, T, Hq, D], chunk k, v [B, T, Hkv, D]).
     """
@@ -44,7 +45,10 @@ def _chunk_after_prefix(seed, fmt, heads, kv_heads, head_dim, prefix, chunk, win
     keys = jax.random.split(jax.random.key(seed), 5)
     longest = max(max(prefix), 1)
     max_len = longest + chunk + 3
-    cache = C.init_cache(_config(heads, kv_heads, head_dim, window), batch, max_len, fmt, trim_sliding_layers=trim)
+    cache = C.init_cache(
+        _config(heads, kv_heads, head_dim, window), batch, max_len, fmt, trim_sliding_layers=trim,
+        rotate_keys=rotate, rotate_values=rotate,
+    )
     pk = _realistic_keys(keys[0], (batch, longest, kv_heads, head_dim))
     cache = C.update(cache, [pk], [jax.random.normal(keys[1], pk.shape)], num_tokens=jnp.asarray(prefix))
     k = _realistic_keys(keys[2], (batch, chunk, kv_heads, head_dim))
@@ -104,6 +108,17 @@ def test_stored_chunk_agrees_with_decode_for_its_last_query():
     prefill = prefill_attention(q, layer, start, implementation="reference")
     decode = decode_attention(q[:, -1], layer, start + 6, implementation="reference")
     assert _relative_error(prefill[:, -1], decode) < 1e-6
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_rotated_keys_and_values_leave_the_output_unchanged(exact):
+    kwargs = dict(fmt="float32", heads=8, kv_heads=2, head_dim=64, prefix=[9, 0], chunk=7)
+    plain, start, q, k, v = _chunk_after_prefix(8, **kwargs)
+    rotated, _, _, _, _ = _chunk_after_prefix(8, **kwargs, rotate=True)
+    extra = dict(chunk_k=k, chunk_v=v) if exact else {}
+    expected = prefill_attention(q.astype(jnp.float32), plain, start, implementation="reference", **extra)
+    out = prefill_attention(q.astype(jnp.float32), rotated, start, implementation="reference", **extra)
+    assert _relative_error(out, expected) < 1e-5
 
 
 def test_ring_buffer_layer_serves_one_token_chunks():
