@@ -31,6 +31,12 @@ def test_unknown_cache_dtype_lists_the_valid_ones(capsys):
     assert "valid: float32, bf16" in capsys.readouterr().err
 
 
+def test_unknown_recipe_suffix_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["ablate", "--cache-dtypes", "bf16,nvfp4+rotate"])
+    assert "unknown recipe suffix(es) ['rotate'] in 'nvfp4+rotate'; valid: +hadamard" in capsys.readouterr().err
+
+
 def test_console_script_runs():
     out = subprocess.run(
         [sys.executable, "-m", "fp4kv_jax.cli", "memory", "--cache-dtypes", "bf16"],
@@ -60,7 +66,6 @@ def test_generate_refuses_a_model_without_tokenizer(capsys):
     (["--context", "64", "--tokens", "32"], "--tokens: must be at least --context (64)"),
     (["--prompts", "0"], "--prompts: must be at least 1"),
     (["--corpus", "/no/such/corpus.txt"], "--corpus: '/no/such/corpus.txt' is not a file"),
-    (["--cache-dtypes", "bf16,nvfp4+rotate"], "unknown recipe suffix(es) ['rotate']"),
 ])
 def test_ablate_refuses_bad_arguments_before_any_work(capsys, arguments, message):
     assert main(["ablate", *arguments]) == 2
