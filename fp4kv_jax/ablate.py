@@ -27,60 +27,14 @@ import numpy as np
 from flax import nnx
 
 from fp4kv_jax import cache as kv_cache
-from fp4kv_jax.formats import get_codec
 from fp4kv_jax.generate import generate
 from fp4kv_jax.memory import kv_cache_bytes_per_token, max_cache_tokens
+from fp4kv_jax.recipes import CacheRecipe, recipe_from_name
 
 _GIB = 1024**3
 REFERENCE = "bf16"
 # The three per-layer tensors whose relative error each row reports, in this order.
 LAYER_TENSORS = ("k", "v", "attention_output")
-
-
-# Recipe suffixes a row name may add to a cache dtype, and the `init_cache` options
-# each turns on: "nvfp4+hadamard" is nvfp4 with keys stored Hadamard-rotated,
-# "nvfp4+hadamard+hadamard_v" with values rotated too.
-RECIPE_OPTIONS = {
-    "hadamard": (("rotate_keys", True),),
-    "hadamard_v": (("rotate_values", True),),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheRecipe:
-    """One row of the ablation: its name and the cache its forward passes go through.
-
-    Attributes:
-      name: the row's key in the results.
-      cache_dtype: the cache format. It also sets the row's memory figures.
-      options: more `fp4kv_jax.cache.init_cache` keyword arguments, as (name, value)
-        pairs; the row's greedy continuations use the same cache.
-    """
-
-    name: str
-    cache_dtype: str
-    options: tuple[tuple[str, object], ...] = ()
-
-    def build_cache(self, model, batch_size: int, max_len: int) -> kv_cache.KVCache:
-        """An empty cache for `batch_size` windows of `max_len` tokens."""
-        return model.init_cache(batch_size, max_len, self.cache_dtype, **dict(self.options))
-
-
-def recipe_from_name(name: str) -> CacheRecipe:
-    """The recipe a row name spells: a cache dtype, then optional "+suffix" parts.
-
-    For example "fp4_e2m1" or "nvfp4+hadamard"; suffixes are the keys of RECIPE_OPTIONS.
-    """
-    cache_dtype, *suffixes = name.split("+")
-    get_codec(cache_dtype, arg="cache_dtype")
-    unknown = [suffix for suffix in suffixes if suffix not in RECIPE_OPTIONS]
-    if unknown:
-        raise ValueError(
-            f"cache_dtype: unknown recipe suffix(es) {unknown} in {name!r}; valid: "
-            f"{', '.join('+' + key for key in RECIPE_OPTIONS)}."
-        )
-    options = tuple(option for suffix in suffixes for option in RECIPE_OPTIONS[suffix])
-    return CacheRecipe(name=name, cache_dtype=cache_dtype, options=options)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,18 +46,23 @@ def _cache_dtype_list(text: str) -> list[str]:
     return names
 
 
-def _recipe_list(text: str) -> list[str]:
-    from fp4kv_jax.ablate import recipe_from_name
+def _recipe_name(name: str) -> str:
+    """A cache dtype, optionally with recipe suffixes ("nvfp4+hadamard"), or "auto"."""
+    from fp4kv_jax.recipes import recipe_from_name
 
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"no cache dtypes given; valid: {', '.join(format_names())}")
-    for name in names:
+    if name != "auto":
         try:
             recipe_from_name(name)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
-    return names
+    return name
+
+
+def _recipe_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no cache dtypes given; valid: {', '.join(format_names())}")
+    return [_recipe_name(name) for name in names]
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
@@ -100,16 +105,21 @@ class TokenStreamer:
 def run_generate(args) -> int:
     from fp4kv_jax.generate import generate
     from fp4kv_jax.models import from_pretrained
+    from fp4kv_jax.recipes import recipe_from_name
 
     model = from_pretrained(args.model, dtype=jnp.float32 if args.float32 else jnp.bfloat16)
     if model.tokenizer is None:
         raise ValueError(f"--model: {args.model} carries no tokenizer; generate needs one.")
     prompt = chat_prompt(model.tokenizer, args.prompt) if args.chat else args.prompt
     streamer = TokenStreamer(model.tokenizer, args.max_new_tokens)
+    cache_dtype, cache_options = args.cache_dtype, {}
+    if cache_dtype != "auto":
+        recipe = recipe_from_name(cache_dtype)
+        cache_dtype, cache_options = recipe.cache_dtype, dict(recipe.options)
     try:
         result = generate(
-            model, [prompt], max_new_tokens=args.max_new_tokens, cache_dtype=args.cache_dtype,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            model, [prompt], max_new_tokens=args.max_new_tokens, cache_dtype=cache_dtype,
+            cache_options=cache_options, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
             on_token=streamer,
         )
     finally:
@@ -125,9 +135,8 @@ def run_generate(args) -> int:
 
 
 def run_ablate(args) -> int:
-    from fp4kv_jax.ablate import (
-        AblationSettings, ablate, load_corpus, markdown_table, recipe_from_name, write_outputs,
-    )
+    from fp4kv_jax.ablate import AblationSettings, ablate, load_corpus, markdown_table, write_outputs
+    from fp4kv_jax.recipes import recipe_from_name
     from fp4kv_jax.models import from_pretrained
 
     if args.context < 2:
@@ -191,7 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory or .gguf")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--cache-dtype", default="bf16", choices=[*format_names(), "auto"])
+    gen.add_argument(
+        "--cache-dtype",
+        type=_recipe_name,
+        default="bf16",
+        help=f"one of {', '.join(format_names())} or auto, optionally with recipe suffixes "
+        "such as nvfp4+hadamard (default: bf16)",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int)

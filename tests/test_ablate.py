@@ -22,12 +22,12 @@ from fp4kv_jax.ablate import (
     load_corpus,
     matching_prefix_length,
     paired_block_bootstrap,
-    recipe_from_name,
     score_window,
     tokenize_texts,
     write_outputs,
 )
 from fp4kv_jax.memory import kv_cache_bytes_per_token, max_cache_tokens
+from fp4kv_jax.recipes import recipe_from_name
 from fp4kv_jax.models import from_pretrained
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

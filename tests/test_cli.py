@@ -45,12 +45,12 @@ def test_console_script_runs():
     assert "smollm2-135m" in out and "| bf16 |" in out
 
 
-def test_generate_streams_the_text_then_reports_speed(capsys):
+def test_generate_streams_the_text_then_reports_speed_with_a_recipe_cache(capsys):
     assert main(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "3",
-                 "--cache-dtype", "fp4_e2m1", "--float32"]) == 0
+                 "--cache-dtype", "nvfp4+hadamard", "--float32"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith(" Paris")
-    assert "tokens/s" in captured.err and "fp4_e2m1" in captured.err
+    assert "tokens/s" in captured.err and "nvfp4+hadamard" in captured.err
 
 
 def test_generate_refuses_a_model_without_tokenizer(capsys):
