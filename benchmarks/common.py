@@ -43,3 +43,30 @@ def realistic_kv(key, batch, kv_heads, context, head_dim):
     k = jnp.concatenate([k1 * cos - k2 * sin, k1 * sin + k2 * cos], axis=-1)
     v = jax.random.normal(v_key, (batch, kv_heads, context, head_dim), jnp.float32)
     return k, v
+
+
+def formats_arg(parser, text: str) -> list[str]:
+    """The cache formats named by a comma-separated --formats; argparse error if unknown."""
+    from fp4kv_jax import format_names
+
+    formats = text.split(",")
+    unknown = set(formats) - set(format_names())
+    if unknown:
+        parser.error(f"--formats: unknown {sorted(unknown)}; valid: {', '.join(format_names())}")
+    return formats
+
+
+def variants_arg(text: str) -> list[dict[str, int]]:
+    """--variants "k=v,k=v;k=v" -> one dict of int tuning values per ';'-separated set."""
+    return [
+        {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+        for spec in text.split(";")
+    ]
+
+
+def run_header() -> str:
+    """The line every benchmark prints first: the card, the JAX version, the UTC time."""
+    return (
+        f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )

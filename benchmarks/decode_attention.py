@@ -21,14 +21,13 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from common import copy_bandwidth_tbs, median_ms, realistic_kv
-from fp4kv_jax import format_names, get_codec, quantize
+from common import copy_bandwidth_tbs, formats_arg, median_ms, realistic_kv, run_header, variants_arg
+from fp4kv_jax import get_codec, quantize
 from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.formats import dequantize
 from fp4kv_jax.kernels.decode_attention import decode_attention
@@ -136,16 +135,10 @@ def main() -> int:
     if jax.default_backend() != "gpu":
         print("decode_attention.py: needs a GPU.", file=sys.stderr)
         return 2
-    formats = args.formats.split(",")
-    unknown = set(formats) - set(format_names())
-    if unknown:
-        parser.error(f"--formats: unknown {sorted(unknown)}; valid: {', '.join(format_names())}")
-    variants = [
-        {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
-        for spec in args.variants.split(";")
-    ]
+    formats = formats_arg(parser, args.formats)
+    variants = variants_arg(args.variants)
     device = jax.devices()[0]
-    print(f"device: {device.device_kind}; jax {jax.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(run_header())
     checks = check_correctness(formats)
     for c in checks:
         print(f"check {c['fmt']:9s} window={c['window']} sinks={c['sinks']}: rel_err={c['rel_err']:.2e} finite={c['finite']}")

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from common import run_header
 from fp4kv_jax import cache as kv_cache
 from fp4kv_jax.generate import _decode_loop
 from fp4kv_jax.kernels.decode_attention import decode_attention
@@ -153,8 +154,7 @@ def main() -> int:
             return 2
         models = {name: MODELS[name] for name in args.models.split(",")}
         shapes = [(64, 16384), (32, 32768), (8, 131072)]
-    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(run_header())
     for name, config in models.items():
         model = random_model(config, jnp.bfloat16)
         print(f"\n## {name}: {config.num_layers} layers, {config.num_heads}/{config.num_kv_heads} heads, "

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
-from common import median_ms, realistic_kv
-from fp4kv_jax import format_names, quantize
+from common import formats_arg, median_ms, realistic_kv, run_header, variants_arg
+from fp4kv_jax import quantize
 from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.kernels.prefill_attention import prefill_attention
 
@@ -117,16 +116,9 @@ def main() -> int:
     if jax.default_backend() != "gpu":
         print("prefill_attention.py: needs a GPU.", file=sys.stderr)
         return 2
-    formats = args.formats.split(",")
-    unknown = set(formats) - set(format_names())
-    if unknown:
-        parser.error(f"--formats: unknown {sorted(unknown)}; valid: {', '.join(format_names())}")
-    variants = [
-        {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
-        for spec in args.variants.split(";")
-    ]
-    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    formats = formats_arg(parser, args.formats)
+    variants = variants_arg(args.variants)
+    print(run_header())
     checks = check_correctness(formats)
     for c in checks:
         print(f"check {c['fmt']:9s}: rel_err={c['rel_err']:.2e} finite={c['finite']}")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import copy_bandwidth_tbs
+from common import copy_bandwidth_tbs, formats_arg, run_header, variants_arg
 from fp4kv_jax import format_names, get_codec
 from fp4kv_jax.cache import empty_tensor
 from fp4kv_jax.kernels.quantize_into_cache import quantize_into_cache
@@ -141,16 +141,10 @@ def main() -> int:
     if jax.default_backend() != "gpu":
         print("quantize_into_cache.py: needs a GPU.", file=sys.stderr)
         return 2
-    formats = args.formats.split(",")
-    unknown = set(formats) - set(format_names())
-    if unknown:
-        parser.error(f"--formats: unknown {sorted(unknown)}; valid: {', '.join(format_names())}")
-    variants = [
-        {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
-        for spec in args.variants.split(";")
-    ]
+    formats = formats_arg(parser, args.formats)
+    variants = variants_arg(args.variants)
     device = jax.devices()[0]
-    print(f"device: {device.device_kind}; jax {jax.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(run_header())
     checks = check_correctness(formats)
     for c in checks:
         print(f"check {c['fmt']:9s}: bit-identical to the reference: {c['bit_identical']}")
