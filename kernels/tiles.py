@@ -67,13 +67,27 @@ def overflows_int32_offsets(x: QuantizedTensor) -> bool:
     return any(b.size > 2**31 and b.size * b.dtype.itemsize <= 2**32 for b in buffers)
 
 
-def check_addressable(x: QuantizedTensor, arg: str) -> None:
-    """Refuses, naming `arg`, a tensor that `overflows_int32_offsets`."""
-    if overflows_int32_offsets(x):
-        raise ValueError(
-            f"{arg}: a buffer of {x.data.shape} {x.data.dtype} is one that Pallas's Triton "
-            "lowering addresses with overflowing int32 offsets; use implementation='reference'."
-        )
+def default_implementation(*tensors: QuantizedTensor) -> str:
+    """"pallas_triton" on GPU when Pallas can address every tensor, else "reference"."""
+    on_gpu = jax.default_backend() == "gpu"
+    addressable = not any(overflows_int32_offsets(x) for x in tensors)
+    return "pallas_triton" if on_gpu and addressable else "reference"
+
+
+def interpret_mode(*tensors: QuantizedTensor, arg: str) -> bool:
+    """Whether a Pallas call over `tensors` runs in interpret mode: everywhere but on a GPU.
+
+    On a GPU it refuses, naming `arg`, a tensor that `overflows_int32_offsets`.
+    """
+    if jax.default_backend() != "gpu":
+        return True
+    for x in tensors:
+        if overflows_int32_offsets(x):
+            raise ValueError(
+                f"{arg}: a buffer of {x.data.shape} {x.data.dtype} is one that Pallas's Triton "
+                "lowering addresses with overflowing int32 offsets; use implementation='reference'."
+            )
+    return False
 
 
 def load_rows(ref, block: jax.Array, block_rows: int, num_rows: int, columns=slice(None)) -> jax.Array:

@@ -19,17 +19,10 @@ import jax.numpy as jnp
 
 from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.kernels import tiles
-from fp4kv_jax.rotation import hadamard_rotate
 from fp4kv_jax.kernels.decode_attention import pallas_triton, reference
+from fp4kv_jax.rotation import hadamard_rotate
 
 IMPLEMENTATIONS = ("reference", "pallas_triton")
-
-
-def default_implementation(layer: LayerCache) -> str:
-    """Pallas on GPU, unless the layer's buffers are too large for its 32-bit offsets."""
-    on_gpu = jax.default_backend() == "gpu"
-    addressable = not any(tiles.overflows_int32_offsets(x) for x in (layer.k, layer.v))
-    return "pallas_triton" if on_gpu and addressable else "reference"
 
 
 def decode_attention(
@@ -53,14 +46,14 @@ def decode_attention(
       lengths: int32 [B], valid positions per sequence (each >= 1).
       sinks: float [Hq] learned sink logits that join the softmax denominator only.
       sm_scale: softmax scale; default 1 / sqrt(D).
-      implementation: one of IMPLEMENTATIONS, or None for `default_implementation(layer)`.
+      implementation: one of IMPLEMENTATIONS, or None for `tiles.default_implementation(layer.k, layer.v)`.
       **tuning: passed to the Pallas implementation (block_k, num_splits, num_warps,
         num_stages).
 
     Returns:
       [B, Hq, D] in q's dtype.
     """
-    implementation = implementation or default_implementation(layer)
+    implementation = implementation or tiles.default_implementation(layer.k, layer.v)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
@@ -75,10 +68,7 @@ def decode_attention(
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
         out = reference.decode_attention(q, layer.k, layer.v, lengths, **args)
     else:
-        interpret = jax.default_backend() != "gpu"
-        if not interpret:
-            tiles.check_addressable(layer.k, "layer")
-            tiles.check_addressable(layer.v, "layer")
+        interpret = tiles.interpret_mode(layer.k, layer.v, arg="layer")
         out = pallas_triton.decode_attention(
             q, layer.k, layer.v, lengths, interpret=interpret, **args, **tuning
         )

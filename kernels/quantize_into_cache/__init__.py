@@ -32,13 +32,6 @@ from fp4kv_jax.kernels.quantize_into_cache.reference import token_slots
 IMPLEMENTATIONS = ("reference", "pallas_triton")
 
 
-def default_implementation(stored: QuantizedTensor) -> str:
-    on_gpu = jax.default_backend() == "gpu"
-    if on_gpu and not tiles.overflows_int32_offsets(stored):
-        return "pallas_triton"
-    return "reference"
-
-
 def quantize_into_cache(
     new: jax.Array,
     stored: QuantizedTensor,
@@ -62,13 +55,13 @@ def quantize_into_cache(
         chunk only the last S written tokens survive. Otherwise positions from S on
         are dropped.
       implementation: one of IMPLEMENTATIONS, or None for
-        `default_implementation(stored)`.
+        `tiles.default_implementation(stored)`.
       **tuning: passed to the Pallas implementation (block_t, num_warps).
 
     Returns:
       `stored` with the chunk written: the same shapes, dtypes and global scale.
     """
-    implementation = implementation or default_implementation(stored)
+    implementation = implementation or tiles.default_implementation(stored)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
@@ -90,7 +83,7 @@ def quantize_into_cache(
         if tuning:
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
         return reference.quantize_into_cache(new, stored, start, counts, ring=ring)
-    interpret = jax.default_backend() != "gpu"
+    interpret = tiles.interpret_mode(stored, arg="stored")
     return pallas_triton.quantize_into_cache(
         new, stored, start, counts, ring=ring, interpret=interpret, **tuning
     )
@@ -138,4 +131,4 @@ def _check(new: jax.Array, stored: QuantizedTensor, start: jax.Array) -> None:
         )
 
 
-__all__ = ["IMPLEMENTATIONS", "default_implementation", "quantize_into_cache", "token_slots"]
+__all__ = ["IMPLEMENTATIONS", "quantize_into_cache", "token_slots"]
