@@ -1,7 +1,6 @@
 """decode_attention: the Pallas kernel (interpret mode on CPU) against the float32
 reference, and the reference against float64 numpy softmax attention."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,45 +8,20 @@ import pytest
 
 from fp4kv_jax import cache as C
 from fp4kv_jax.kernels.decode_attention import decode_attention
-from fp4kv_jax.models.configs import ModelConfig
 
-
-def _config(heads, kv_heads, head_dim, window=None):
-    return ModelConfig(
-        architecture="gpt_oss", vocab_size=8, hidden_size=64, intermediate_size=8,
-        num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        layer_types=("sliding_attention" if window else "full_attention",),
-        sliding_window=window,
-    )
-
-
-def _realistic_keys(key, shape):
-    """[B, T, Hkv, D] keys with a few outlier channels, rotated by RoPE."""
-    k = jax.random.normal(key, shape)
-    d = shape[-1]
-    k = k.at[..., jnp.array([1, d // 2 + 3])].multiply(10.0)
-    half = d // 2
-    angle = jnp.arange(shape[1])[:, None] / 10000.0 ** (jnp.arange(half) / half)
-    cos, sin = jnp.cos(angle)[None, :, None], jnp.sin(angle)[None, :, None]
-    k1, k2 = k[..., :half], k[..., half:]
-    return jnp.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
+from attention_inputs import one_layer_config, realistic_keys, relative_error
 
 
 def _filled_cache(seed, fmt, heads, kv_heads, head_dim, lengths, max_len, window=None, trim=False):
-    config = _config(heads, kv_heads, head_dim, window)
+    config = one_layer_config(heads, kv_heads, head_dim, window)
     batch = len(lengths)
     keys = jax.random.split(jax.random.key(seed), 3)
-    k = _realistic_keys(keys[0], (batch, max_len, kv_heads, head_dim))
+    k = realistic_keys(keys[0], (batch, max_len, kv_heads, head_dim))
     v = jax.random.normal(keys[1], (batch, max_len, kv_heads, head_dim))
     cache = C.init_cache(config, batch, max_len, fmt, trim_sliding_layers=trim)
     cache = C.update(cache, [k], [v], num_tokens=jnp.asarray(lengths))
     q = jax.random.normal(keys[2], (batch, heads, head_dim), jnp.bfloat16)
     return cache, q
-
-
-def _relative_error(out, ref):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
 
 CASES = [
@@ -76,7 +50,7 @@ def test_pallas_kernel_matches_reference(fmt, heads, kv_heads, head_dim, lengths
     assert out.shape == q.shape and out.dtype == q.dtype
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))  # every element written
     tolerance = 1e-5 if fmt == "float32" else 1e-2
-    assert _relative_error(out, ref) < tolerance
+    assert relative_error(out, ref) < tolerance
 
 
 def test_ring_buffer_layer_matches_the_untrimmed_cache():
@@ -87,8 +61,8 @@ def test_ring_buffer_layer_matches_the_untrimmed_cache():
     expected = decode_attention(q, full.layers[0], full.lengths, implementation="reference")
     reference = decode_attention(q, ring.layers[0], ring.lengths, implementation="reference")
     kernel = decode_attention(q, ring.layers[0], ring.lengths, implementation="pallas_triton", block_k=16)
-    assert _relative_error(reference, expected) < 1e-5
-    assert _relative_error(kernel, expected) < 1e-2
+    assert relative_error(reference, expected) < 1e-5
+    assert relative_error(kernel, expected) < 1e-2
 
 
 def _numpy_attention(q, k, v, lengths, sm_scale, window, sinks):
@@ -118,7 +92,7 @@ def test_reference_matches_float64_numpy(window, sinks):
                                 lengths, 0.125, window, sinks)
     out = decode_attention(q.astype(jnp.float32), cache.layers[0], cache.lengths,
                            sinks=None if sinks is None else jnp.asarray(sinks), implementation="reference")
-    assert _relative_error(out, expected) < 1e-5
+    assert relative_error(out, expected) < 1e-5
 
 
 def test_bad_arguments_are_named():
@@ -141,4 +115,4 @@ def test_compiled_kernel_matches_reference_on_gpu(fmt):
     sinks = jnp.linspace(-1.0, 1.0, 64)
     ref = decode_attention(q, cache.layers[0], cache.lengths, sinks=sinks, implementation="reference")
     out = decode_attention(q, cache.layers[0], cache.lengths, sinks=sinks, implementation="pallas_triton")
-    assert _relative_error(out, ref) < 1e-2
+    assert relative_error(out, ref) < 1e-2

@@ -10,29 +10,9 @@ from fp4kv_jax import cache as C
 from fp4kv_jax.formats import dequantize
 from fp4kv_jax.kernels.decode_attention import decode_attention
 from fp4kv_jax.kernels.prefill_attention import prefill_attention
-from fp4kv_jax.models.configs import ModelConfig
 from fp4kv_jax.models.transformer import causal_attention
 
-
-def _config(heads, kv_heads, head_dim, window=None):
-    return ModelConfig(
-        architecture="gpt_oss", vocab_size=8, hidden_size=64, intermediate_size=8,
-        num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        layer_types=("sliding_attention" if window else "full_attention",),
-        sliding_window=window,
-    )
-
-
-def _realistic_keys(key, shape):
-    """[B, T, Hkv, D] keys with two outlier channels, rotated by RoPE."""
-    k = jax.random.normal(key, shape)
-    d = shape[-1]
-    k = k.at[..., jnp.array([1, d // 2 + 3])].multiply(10.0)
-    half = d // 2
-    angle = jnp.arange(shape[1])[:, None] / 10000.0 ** (jnp.arange(half) / half)
-    cos, sin = jnp.cos(angle)[None, :, None], jnp.sin(angle)[None, :, None]
-    k1, k2 = k[..., :half], k[..., half:]
-    return jnp.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
+from attention_inputs import one_layer_config, realistic_keys, relative_error
 
 
 def _chunk_after_prefix(seed, fmt, heads, kv_heads, head_dim, prefix, chunk, window=None, trim=False, rotate=False):
@@ -46,22 +26,17 @@ def _chunk_after_prefix(seed, fmt, heads, kv_heads, head_dim, prefix, chunk, win
     longest = max(max(prefix), 1)
     max_len = longest + chunk + 3
     cache = C.init_cache(
-        _config(heads, kv_heads, head_dim, window), batch, max_len, fmt, trim_sliding_layers=trim,
+        one_layer_config(heads, kv_heads, head_dim, window), batch, max_len, fmt, trim_sliding_layers=trim,
         rotate_keys=rotate, rotate_values=rotate,
     )
-    pk = _realistic_keys(keys[0], (batch, longest, kv_heads, head_dim))
+    pk = realistic_keys(keys[0], (batch, longest, kv_heads, head_dim))
     cache = C.update(cache, [pk], [jax.random.normal(keys[1], pk.shape)], num_tokens=jnp.asarray(prefix))
-    k = _realistic_keys(keys[2], (batch, chunk, kv_heads, head_dim))
+    k = realistic_keys(keys[2], (batch, chunk, kv_heads, head_dim))
     v = jax.random.normal(keys[3], k.shape)
     start = cache.lengths
     cache = C.write_layer(cache, 0, k, v)
     q = jax.random.normal(keys[4], (batch, chunk, heads, head_dim), jnp.bfloat16)
     return cache.layers[0], start, q, k, v
-
-
-def _relative_error(out, ref):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
 
 CASES = [
@@ -89,7 +64,7 @@ def test_pallas_kernel_matches_reference(fmt, heads, kv_heads, head_dim, prefix,
     out = prefill_attention(q, layer, start, implementation="pallas_triton", block_k=block_k, **args)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))  # every element written
-    assert _relative_error(out, ref) < (1e-5 if fmt == "float32" else 1e-2)
+    assert relative_error(out, ref) < (1e-5 if fmt == "float32" else 1e-2)
 
 
 def test_a_full_precision_chunk_without_prefix_is_plain_causal_attention():
@@ -98,16 +73,16 @@ def test_a_full_precision_chunk_without_prefix_is_plain_causal_attention():
     expected = causal_attention(q.astype(jnp.float32), k, v, window=10, sinks=sinks)
     exact = prefill_attention(q, layer, start, sinks=sinks, chunk_k=k, chunk_v=v, implementation="pallas_triton", block_k=16)
     stored = prefill_attention(q, layer, start, sinks=sinks, implementation="pallas_triton", block_k=16)
-    assert _relative_error(exact, expected) < 1e-2
+    assert relative_error(exact, expected) < 1e-2
     # FP4 storage visibly changes what the chunk attends to.
-    assert _relative_error(stored, expected) > 3 * _relative_error(exact, expected)
+    assert relative_error(stored, expected) > 3 * relative_error(exact, expected)
 
 
 def test_stored_chunk_agrees_with_decode_for_its_last_query():
     layer, start, q, _, _ = _chunk_after_prefix(4, "nvfp4", 8, 2, 128, [11, 30], 6)
     prefill = prefill_attention(q, layer, start, implementation="reference")
     decode = decode_attention(q[:, -1], layer, start + 6, implementation="reference")
-    assert _relative_error(prefill[:, -1], decode) < 1e-6
+    assert relative_error(prefill[:, -1], decode) < 1e-6
 
 
 @pytest.mark.parametrize("exact", [False, True])
@@ -118,7 +93,7 @@ def test_rotated_keys_and_values_leave_the_output_unchanged(exact):
     extra = dict(chunk_k=k, chunk_v=v) if exact else {}
     expected = prefill_attention(q.astype(jnp.float32), plain, start, implementation="reference", **extra)
     out = prefill_attention(q.astype(jnp.float32), rotated, start, implementation="reference", **extra)
-    assert _relative_error(out, expected) < 1e-5
+    assert relative_error(out, expected) < 1e-5
 
 
 def test_ring_buffer_layer_serves_one_token_chunks():
@@ -128,7 +103,7 @@ def test_ring_buffer_layer_serves_one_token_chunks():
     assert ring.ring and ring.capacity == 16
     expected = prefill_attention(q, full, start, implementation="reference")
     kernel = prefill_attention(q, ring, ring_start, implementation="pallas_triton", block_k=16)
-    assert _relative_error(kernel, expected) < 1e-2
+    assert relative_error(kernel, expected) < 1e-2
 
 
 def _numpy_prefill(q, k, v, start, sm_scale, window):
@@ -154,7 +129,7 @@ def test_reference_matches_float64_numpy(window):
     v = np.asarray(dequantize(layer.v), np.float64)
     expected = _numpy_prefill(np.asarray(q, np.float64), k, v, np.asarray(start), 0.125, window)
     out = prefill_attention(q.astype(jnp.float32), layer, start, implementation="reference")
-    assert _relative_error(out, expected) < 1e-5
+    assert relative_error(out, expected) < 1e-5
 
 
 def test_bad_arguments_are_named():
@@ -179,4 +154,4 @@ def test_compiled_kernel_matches_reference_on_gpu(fmt):
     for extra in ({}, dict(chunk_k=k, chunk_v=v)):
         ref = prefill_attention(q, layer, start, sinks=sinks, implementation="reference", **extra)
         out = prefill_attention(q, layer, start, sinks=sinks, implementation="pallas_triton", **extra)
-        assert _relative_error(out, ref) < 1e-2
+        assert relative_error(out, ref) < 1e-2
