@@ -4,7 +4,8 @@ In one run it measures:
   copy   the device-to-device copy bandwidth (bytes read plus written), the ceiling;
   cudnn  jax.nn.dot_product_attention(implementation="cudnn") over a bf16 cache;
   unfused  jnp dequantize of the whole cache, then cuDNN (SGLang's approach);
-  ours   the fused Pallas kernel, for each format and tuning variant;
+  ours   the fused Pallas kernels (pallas_triton; pallas_mosaic for packed FP4), for
+         each format and tuning variant;
 and first checks the kernel against the float32 reference on a small shape for every
 format. Speed is reported as a ratio to cuDNN bf16 from the same run.
 
@@ -13,6 +14,7 @@ format. Speed is reported as a ratio to cuDNN bf16 from the same run.
     python benchmarks/decode_attention.py --out DIR       # also write results.json there
     python benchmarks/decode_attention.py --variants "block_k=64;block_k=64,rotated=1"
                                                           # rotated=1: Hadamard-rotated keys
+    python benchmarks/decode_attention.py --implementations pallas_mosaic
 """
 
 from __future__ import annotations
@@ -30,19 +32,24 @@ from common import copy_bandwidth_tbs, formats_arg, median_ms, realistic_kv, run
 from fp4kv_jax import get_codec, quantize
 from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.formats import dequantize
-from fp4kv_jax.kernels.decode_attention import decode_attention
+from fp4kv_jax.kernels.decode_attention import IMPLEMENTATIONS, decode_attention
+from fp4kv_jax.kernels.decode_attention import pallas_mosaic
 
 TARGET = dict(batch=32, context=8192, heads=64, kv_heads=8, head_dim=128)
+
+
+def handles(implementation: str, fmt: str) -> bool:
+    return implementation != "pallas_mosaic" or fmt in pallas_mosaic.SUPPORTED_FORMATS
 
 
 def stored_layer(k, v, fmt, window=None):
     return LayerCache(k=quantize(k, fmt), v=quantize(v, fmt), window=window, ring=False)
 
 
-def check_correctness(formats) -> list[dict]:
-    """Kernel vs float32 reference on fresh inputs, ragged lengths, GQA 8, D=128."""
+def check_correctness(formats, implementations) -> list[dict]:
+    """Kernels vs float32 reference on fresh inputs, ragged lengths, GQA 8, D=128."""
     rows = []
-    batch, kv_heads, context, head_dim, heads = 4, 2, 1000, 128, 16
+    batch, kv_heads, context, head_dim, heads = 4, 2, 1024, 128, 16
     k, v = realistic_kv(jax.random.key(0), batch, kv_heads, context, head_dim)
     q = jax.random.normal(jax.random.key(1), (batch, heads, head_dim), jnp.bfloat16)
     lengths = jnp.array([1, 17, 640, 1000], jnp.int32)
@@ -50,15 +57,25 @@ def check_correctness(formats) -> list[dict]:
         for window, sinks in ((None, None), (128, jnp.linspace(-1, 2, heads))):
             layer = stored_layer(k, v, fmt, window)
             ref = decode_attention(q, layer, lengths, sinks=sinks, implementation="reference")
-            out = decode_attention(q, layer, lengths, sinks=sinks, implementation="pallas_triton")
-            ref32, out32 = ref.astype(jnp.float32), out.astype(jnp.float32)
-            err = float(jnp.linalg.norm(out32 - ref32) / jnp.linalg.norm(ref32))
-            finite = bool(jnp.all(jnp.isfinite(out32)))
-            rows.append(dict(fmt=fmt, window=window, sinks=sinks is not None, rel_err=err, finite=finite))
+            ref32 = ref.astype(jnp.float32)
+            for implementation in implementations:
+                if not handles(implementation, fmt):
+                    continue
+                try:
+                    out = decode_attention(q, layer, lengths, sinks=sinks, implementation=implementation)
+                except Exception as error:  # reported as a failed check, not fatal
+                    print(f"check {fmt} {implementation}: {type(error).__name__}: {str(error)[:2000]}",
+                          file=sys.stderr)
+                    out = jnp.full_like(ref, jnp.nan)
+                out32 = out.astype(jnp.float32)
+                err = float(jnp.linalg.norm(out32 - ref32) / jnp.linalg.norm(ref32))
+                finite = bool(jnp.all(jnp.isfinite(out32)))
+                rows.append(dict(fmt=fmt, impl=implementation, window=window, sinks=sinks is not None,
+                                 rel_err=err, finite=finite))
     return rows
 
 
-def time_shape(shape, formats, variants, copy_tbs) -> list[dict]:
+def time_shape(shape, formats, implementations, variants, copy_tbs) -> list[dict]:
     b, s, hq, hkv, d = (shape[n] for n in ("batch", "context", "heads", "kv_heads", "head_dim"))
     k, v = realistic_kv(jax.random.key(2), b, hkv, s, d)
     q = jax.random.normal(jax.random.key(3), (b, hq, d), jnp.bfloat16)
@@ -88,19 +105,23 @@ def time_shape(shape, formats, variants, copy_tbs) -> list[dict]:
 
             ms = median_ms(jax.jit(unfused), q, layer)
             rows.append(dict(shape=shape, impl="unfused", fmt=fmt, ms=ms, bytes=nbytes))
-        for variant in variants:
-            # `rotated=1` times a layer whose keys are stored Hadamard-rotated: the op
-            # then rotates the queries too (the same kernel otherwise).
-            tuning = {key: value for key, value in variant.items() if key != "rotated"}
-            timed = dataclasses.replace(layer, keys_rotated=bool(variant.get("rotated", 0)))
-            fused = jax.jit(lambda q, layer, lengths, tuning=tuning: decode_attention(
-                q, layer, lengths, implementation="pallas_triton", **tuning))
-            try:
-                ms = median_ms(fused, q, timed, lengths)
-            except Exception as error:  # a variant that does not compile is reported, not fatal
-                print(f"{fmt} {variant}: {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
+        for implementation in implementations:
+            if not handles(implementation, fmt):
                 continue
-            rows.append(dict(shape=shape, impl="ours", fmt=fmt, variant=variant, ms=ms, bytes=nbytes))
+            for variant in variants:
+                # `rotated=1` times a layer whose keys are stored Hadamard-rotated: the op
+                # then rotates the queries too (the same kernel otherwise).
+                tuning = {key: value for key, value in variant.items() if key != "rotated"}
+                timed = dataclasses.replace(layer, keys_rotated=bool(variant.get("rotated", 0)))
+                fused = jax.jit(lambda q, layer, lengths, tuning=tuning, implementation=implementation:
+                                decode_attention(q, layer, lengths, implementation=implementation, **tuning))
+                try:
+                    ms = median_ms(fused, q, timed, lengths)
+                except Exception as error:  # a variant that does not compile is reported, not fatal
+                    print(f"{fmt} {implementation} {variant}: {type(error).__name__}: {str(error)[:300]}",
+                          file=sys.stderr)
+                    continue
+                rows.append(dict(shape=shape, impl=implementation, fmt=fmt, variant=variant, ms=ms, bytes=nbytes))
         del layer
     for row in rows:
         row["tbs"] = row["bytes"] / (row["ms"] * 1e-3) / 1e12
@@ -129,6 +150,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="sweep batch, context and heads")
     parser.add_argument("--formats", default="bf16,fp8_e4m3,fp4_e2m1,nvfp4,mxfp4")
+    parser.add_argument("--implementations", default="pallas_triton,pallas_mosaic",
+                        help="comma-separated kernels to check and time")
     parser.add_argument("--variants", default="block_k=64", help="';'-separated k=v,k=v tuning sets")
     parser.add_argument("--out", type=Path, help="directory for results.json")
     args = parser.parse_args()
@@ -137,11 +160,16 @@ def main() -> int:
         return 2
     formats = formats_arg(parser, args.formats)
     variants = variants_arg(args.variants)
+    implementations = args.implementations.split(",")
+    for implementation in implementations:
+        if implementation not in IMPLEMENTATIONS[1:]:
+            parser.error(f"--implementations: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS[1:])}")
     device = jax.devices()[0]
     print(run_header())
-    checks = check_correctness(formats)
+    checks = check_correctness(formats, implementations)
     for c in checks:
-        print(f"check {c['fmt']:9s} window={c['window']} sinks={c['sinks']}: rel_err={c['rel_err']:.2e} finite={c['finite']}")
+        print(f"check {c['fmt']:9s} {c['impl']:13s} window={c['window']} sinks={c['sinks']}: "
+              f"rel_err={c['rel_err']:.2e} finite={c['finite']}", flush=True)
     copy_tbs = copy_bandwidth_tbs()
     print(f"copy bandwidth: {copy_tbs:.2f} TB/s (read + write)")
     shapes = [TARGET]
@@ -153,7 +181,7 @@ def main() -> int:
         ]
     rows = []
     for shape in shapes:
-        shape_rows = time_shape(shape, formats, variants, copy_tbs)
+        shape_rows = time_shape(shape, formats, implementations, variants, copy_tbs)
         print(table(shape_rows), flush=True)
         rows += shape_rows
     if args.out:

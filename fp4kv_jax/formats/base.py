@@ -70,6 +70,11 @@ class Codec(abc.ABC):
     has_global_scale: ClassVar[bool] = False
     # decode_planes returns values times 2**plane_exponent (see there).
     plane_exponent: ClassVar[int] = 0
+    # Packed FP4 codecs: inline PTX turning one block-scale byte ($1, zero-extended
+    # to 32 bits) into the bf16x2 pair ($0) that multiplies decoded E2M1 codes: the
+    # block scale times 2**-plane_exponent, as in decode_planes. Used by the Mosaic
+    # GPU kernels, which decode tiles in shared memory themselves.
+    plane_scale_ptx: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def encode(

@@ -120,7 +120,55 @@ lop3.b32 m, m, 0x01C001C0, s, 0xEA; mul.rn.bf16x2 {out}, m, {scale};
     )
 
 
-_PTX_EVEN, _PTX_ODD = _ptx_decode(0), _ptx_decode(4)
+PTX_EVEN_PLANE, PTX_ODD_PLANE = _ptx_decode(0), _ptx_decode(4)
+
+
+def ptx_exponent_scale(nan_byte: int) -> str:
+    """`Codec.plane_scale_ptx` for uint8 exponent scales (bias 127).
+
+    2**(byte - 127) * 2**-PLANE_EXPONENT in bf16 has exponent field byte + 63: byte 0
+    gives 0 and bytes of 192 or more inf, as `exponent_byte_scale` does once cast to
+    bf16; nan_byte gives NaN.
+    """
+    bias = 127 + PLANE_EXPONENT - 127  # the bf16 exponent field is byte - bias
+    return (
+        "{\n.reg .pred nan, big, zero;\n.reg .b32 e;\n"
+        f"setp.eq.u32 nan, $1, {nan_byte};\nsetp.ge.u32 big, $1, {255 + bias};\n"
+        "setp.eq.u32 zero, $1, 0;\n"
+        f"add.u32 e, $1, {-bias};\nshl.b32 e, e, 7;\n"
+        "selp.b32 e, 0x7F80, e, big;\nselp.b32 e, 0x7FC0, e, nan;\nselp.b32 e, 0, e, zero;\n"
+        "prmt.b32 $0, e, e, 0x1010;\n}"
+    )
+
+
+# `Codec.plane_scale_ptx` for e4m3 block scales: hardware e4m3 -> f16, then times
+# 2**-PLANE_EXPONENT in float32 and rounded to bf16 (exact: 3 mantissa bits).
+PTX_E4M3_SCALE = (
+    "{\n.reg .b16 sb, lo, hi, b;\n.reg .b32 pair;\n.reg .f32 f;\n"
+    "cvt.u16.u32 sb, $1;\ncvt.rn.f16x2.e4m3x2 pair, sb;\nmov.b32 {lo, hi}, pair;\n"
+    f"cvt.f32.f16 f, lo;\nmul.f32 f, f, 0f{(127 - PLANE_EXPONENT) << 23:08X};\n"
+    "cvt.rn.bf16.f32 b, f;\nmov.b32 $0, {b, b};\n}"
+)
+
+
+# PTX decoding the 8 codes of one 32-bit word of 4 packed bytes b0..b3 into 4 bf16
+# pairs: $0 = (b0, b1) and $1 = (b2, b3) low codes (the even plane), $2, $3 the same
+# for the high codes (the odd plane); $4 the word, $5 the bf16 scale pair. A masked
+# nibble x at bits 0-3 of a 16-bit half becomes (x << 6) | (x << 12) by one multiply
+# (the two never overlap, so the sum is the OR): magnitude at bits 6-8, sign at bit
+# 15 once masked, read as value * 2**-126 like `_ptx_decode`'s.
+PTX_WORD_PLANES = """{
+.reg .b32 z, lo, hi, x, y0, y1, y2, y3;
+mov.b32 z, 0;
+and.b32 lo, $4, 0x0F0F0F0F;
+and.b32 hi, $4, 0xF0F0F0F0;
+""" + "".join(
+    f"prmt.b32 x, {src}, z, {selector};\nmul.lo.u32 x, x, {factor};\n"
+    f"and.b32 x, x, 0x81C081C0;\nmul.rn.bf16x2 y{out}, x, $5;\n"
+    for out, (src, factor, selector) in enumerate(
+        [("lo", 4160, "0x4140"), ("lo", 4160, "0x4342"), ("hi", 260, "0x4140"), ("hi", 260, "0x4342")]
+    )
+) + "mov.b32 $0, y0;\nmov.b32 $1, y1;\nmov.b32 $2, y2;\nmov.b32 $3, y3;\n}"  # outputs last: they may share inputs' registers
 
 
 def exponent_byte_scale(scales: jax.Array, nan_byte: int) -> jax.Array:
@@ -153,7 +201,7 @@ def decode_packed_planes(data: jax.Array, block_scale: jax.Array, block_size: in
         plgpu.elementwise_inline_asm(
             asm, args=[data, scale], constraints="=r,=r,r,r,r", pack=4, result_shape_dtypes=[plane]
         )[0]
-        for asm in (_PTX_EVEN, _PTX_ODD)
+        for asm in (PTX_EVEN_PLANE, PTX_ODD_PLANE)
     )
 
 

@@ -30,6 +30,7 @@ class SglangFp4Codec(Codec):
     data_dtype = jnp.uint8
     elements_per_datum = 2
     plane_exponent = e2m1.PLANE_EXPONENT
+    plane_scale_ptx = e2m1.ptx_exponent_scale(NONFINITE_SCALE)
     block_size = 16
     scale_dtype = jnp.uint8
 

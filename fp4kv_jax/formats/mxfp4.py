@@ -24,6 +24,7 @@ class Mxfp4Codec(Codec):
     data_dtype = jnp.uint8
     elements_per_datum = 2
     plane_exponent = e2m1.PLANE_EXPONENT
+    plane_scale_ptx = e2m1.ptx_exponent_scale(E8M0_NAN)
     block_size = 32
     scale_dtype = jnp.uint8
 

@@ -4,7 +4,10 @@
 
 Implementations:
   "reference"      float32 jnp: dequantize the layer, then attend (any backend).
-  "pallas_triton"  fused dequantize-and-attend kernel; on CPU it runs in Pallas
+  "pallas_triton"  fused dequantize-and-attend kernel (Triton lowering); on CPU it runs
+                   in Pallas interpret mode.
+  "pallas_mosaic"  the same for packed FP4 caches on Hopper (Mosaic GPU lowering: TMA,
+                   decode in shared memory, wgmma); on CPU it runs in Mosaic GPU
                    interpret mode.
 The default is "pallas_triton" on GPU (for buffers its 32-bit offsets can address) and
 "reference" elsewhere.
@@ -19,10 +22,10 @@ import jax.numpy as jnp
 
 from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.kernels import tiles
-from fp4kv_jax.kernels.decode_attention import pallas_triton, reference
+from fp4kv_jax.kernels.decode_attention import pallas_mosaic, pallas_triton, reference
 from fp4kv_jax.rotation import hadamard_rotate
 
-IMPLEMENTATIONS = ("reference", "pallas_triton")
+IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
 
 
 def decode_attention(
@@ -47,8 +50,8 @@ def decode_attention(
       sinks: float [Hq] learned sink logits that join the softmax denominator only.
       sm_scale: softmax scale; default 1 / sqrt(D).
       implementation: one of IMPLEMENTATIONS, or None for `tiles.default_implementation(layer.k, layer.v)`.
-      **tuning: passed to the Pallas implementation (block_k, num_splits, num_warps,
-        num_stages).
+      **tuning: passed to the Pallas implementation (block_k, num_splits, num_stages;
+        num_warps for pallas_triton).
 
     Returns:
       [B, Hq, D] in q's dtype.
@@ -67,6 +70,11 @@ def decode_attention(
         if tuning:
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
         out = reference.decode_attention(q, layer.k, layer.v, lengths, **args)
+    elif implementation == "pallas_mosaic":
+        interpret = jax.default_backend() != "gpu"
+        out = pallas_mosaic.decode_attention(
+            q, layer.k, layer.v, lengths, interpret=interpret, **args, **tuning
+        )
     else:
         interpret = tiles.interpret_mode(layer.k, layer.v, arg="layer")
         out = pallas_triton.decode_attention(

@@ -22,11 +22,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from fp4kv_jax.formats import QuantizedTensor, get_codec
 from fp4kv_jax.kernels import tiles
+from fp4kv_jax.kernels.decode_attention import splits
 
 _MASKED = -1e30  # finite, so a fully masked block cannot make inf - inf
 _MIN_QUERY_ROWS = 16  # the tensor cores' smallest M
-_PROGRAMS_PER_SM = 4
-_DEFAULT_SMS = 132
 
 
 def _kernel(
@@ -118,16 +117,6 @@ def _kernel(
     l_ref[...] = total
 
 
-def _plan_splits(batch: int, kv_heads: int, capacity: int, block_k: int, num_splits: int | None):
-    """(chunk, splits): positions per split, a multiple of block_k, and their count."""
-    blocks = pl.cdiv(capacity, block_k)
-    if num_splits is None:
-        target = _PROGRAMS_PER_SM * _DEFAULT_SMS
-        num_splits = max(1, min(blocks, pl.cdiv(target, batch * kv_heads)))
-    chunk = pl.cdiv(blocks, num_splits) * block_k
-    return chunk, pl.cdiv(capacity, chunk)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -160,7 +149,7 @@ def decode_attention(
     num_planes = codec.elements_per_datum
     rows = max(_MIN_QUERY_ROWS, pl.next_power_of_2(group))
     compute_dtype = tiles.compute_dtype(k.fmt)
-    chunk, splits = _plan_splits(batch, kv_heads, capacity, block_k, num_splits)
+    chunk, num_split_programs = splits.plan(batch, kv_heads, capacity, block_k, num_splits)
     if prefetch is None:
         # Measured on H100 (docs/benchmarks.md): prefetching pays for packed FP4 tiles,
         # whose decode is long enough to hide the next block's loads behind.
@@ -194,7 +183,7 @@ def decode_attention(
     )
     out, peak, total = pl.pallas_call(
         kernel,
-        grid=(batch, kv_heads, splits),
+        grid=(batch, kv_heads, num_split_programs),
         in_specs=[
             pl.BlockSpec((None,), lambda b, h, s: (b,)),
             pl.BlockSpec((None, None, num_planes, rows, plane_width), lambda b, h, s: (b, h, 0, 0, 0)),
@@ -209,33 +198,12 @@ def decode_attention(
             pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, num_planes, rows, plane_width), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, num_planes, rows, plane_width), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, rows), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"decode_attention_{k.fmt}",
     )(lengths.astype(jnp.int32), q_planes, *stored)
-    return (_merge_splits(out, peak, total, sinks, group) * tiles.plane_factor(v)).astype(q.dtype)
-
-
-def _merge_splits(out, peak, total, sinks, group):
-    """Combines per-split (unnormalized out, running max, sum) into float32 [B, Hq, D].
-
-    out [B, Hkv, splits, P, rows, D/P]; peak, total [B, Hkv, splits, rows].
-    """
-    batch, kv_heads, _, _, rows, _ = out.shape
-    best = jnp.max(peak, axis=2)
-    if sinks is not None:
-        sink = sinks.astype(jnp.float32).reshape(kv_heads, group)
-        sink = jnp.pad(sink, ((0, 0), (0, rows - group)), constant_values=_MASKED)[None]
-        best = jnp.maximum(best, sink)
-    weight = jnp.exp(peak - best[:, :, None])
-    denominator = jnp.sum(total * weight, axis=2)
-    if sinks is not None:
-        denominator += jnp.exp(sink - best)
-    merged = jnp.sum(out * weight[:, :, :, None, :, None], axis=2)
-    merged = merged / denominator[:, :, None, :, None]
-    merged = tiles.merge_planes(merged)  # [B, Hkv, rows, D]
-    return merged[:, :, :group].reshape(batch, kv_heads * group, -1)
+    return (splits.merge(out, peak, total, sinks, group) * tiles.plane_factor(v)).astype(q.dtype)

@@ -53,6 +53,35 @@ def test_pallas_kernel_matches_reference(fmt, heads, kv_heads, head_dim, lengths
     assert relative_error(out, ref) < tolerance
 
 
+MOSAIC_CASES = [
+    # fmt, heads, kv_heads, head_dim, lengths, max_len, window, sinks
+    ("fp4_e2m1", 8, 1, 64, [1, 100, 64], 128, None, False),  # MQA, length 1, ragged
+    ("nvfp4", 32, 2, 128, [70, 3], 128, 20, True),  # group 16, window, sinks
+    ("mxfp4", 6, 6, 128, [128, 65], 128, None, True),  # group 1
+]
+
+
+@pytest.mark.parametrize("fmt, heads, kv_heads, head_dim, lengths, max_len, window, sinks", MOSAIC_CASES)
+def test_mosaic_kernel_matches_reference(fmt, heads, kv_heads, head_dim, lengths, max_len, window, sinks):
+    cache, q = _filled_cache(len(lengths) + heads, fmt, heads, kv_heads, head_dim, lengths, max_len, window)
+    sink_logits = jnp.linspace(-2.0, 3.0, heads) if sinks else None
+    layer, lengths = cache.layers[0], cache.lengths
+    ref = decode_attention(q, layer, lengths, sinks=sink_logits, implementation="reference")
+    out = decode_attention(q, layer, lengths, sinks=sink_logits, implementation="pallas_mosaic", num_splits=2)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    assert relative_error(out, ref) < 1e-2
+
+
+def test_mosaic_kernel_refuses_what_it_does_not_handle():
+    cache, q = _filled_cache(2, "fp8_e4m3", 4, 2, 64, [3], 64)
+    with pytest.raises(ValueError, match="'pallas_mosaic' handles fp4_e2m1, nvfp4, mxfp4, not 'fp8_e4m3'"):
+        decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
+    cache, q = _filled_cache(2, "nvfp4", 4, 2, 64, [3], 48)
+    with pytest.raises(ValueError, match="capacity that is a multiple of block_k=64, got 48"):
+        decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
+
+
 def test_ring_buffer_layer_matches_the_untrimmed_cache():
     kwargs = dict(fmt="fp4_e2m1", heads=4, kv_heads=2, head_dim=64, lengths=[45, 20], max_len=48, window=16)
     full, q = _filled_cache(5, **kwargs)
@@ -98,7 +127,7 @@ def test_reference_matches_float64_numpy(window, sinks):
 def test_bad_arguments_are_named():
     cache, q = _filled_cache(1, "bf16", 4, 2, 64, [3], 8)
     layer = cache.layers[0]
-    with pytest.raises(ValueError, match="implementation: unknown 'cuda'; valid: reference, pallas_triton"):
+    with pytest.raises(ValueError, match="implementation: unknown 'cuda'; valid: reference, pallas_triton, pallas_mosaic"):
         decode_attention(q, layer, cache.lengths, implementation="cuda")
     with pytest.raises(ValueError, match="q: 3 heads is not a multiple of the 2 KV heads"):
         decode_attention(q[:, :3], layer, cache.lengths)
@@ -109,10 +138,14 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4"])
-def test_compiled_kernel_matches_reference_on_gpu(fmt):
+@pytest.mark.parametrize(
+    "fmt, implementation",
+    [(fmt, "pallas_triton") for fmt in ("bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4")]
+    + [(fmt, "pallas_mosaic") for fmt in ("fp4_e2m1", "nvfp4", "mxfp4")],
+)
+def test_compiled_kernel_matches_reference_on_gpu(fmt, implementation):
     cache, q = _filled_cache(3, fmt, 64, 8, 128, [1, 1000, 333, 4096], 4096, None)
     sinks = jnp.linspace(-1.0, 1.0, 64)
     ref = decode_attention(q, cache.layers[0], cache.lengths, sinks=sinks, implementation="reference")
-    out = decode_attention(q, cache.layers[0], cache.lengths, sinks=sinks, implementation="pallas_triton")
+    out = decode_attention(q, cache.layers[0], cache.lengths, sinks=sinks, implementation=implementation)
     assert relative_error(out, ref) < 1e-2

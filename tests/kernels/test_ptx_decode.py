@@ -1,4 +1,5 @@
-"""The inline-PTX E2M1 decode equals the portable decode, bit for bit (GPU only)."""
+"""The inline-PTX E2M1 decodes (the Triton kernels' in registers, the Mosaic kernels'
+of a shared-memory tile) equal the portable decode, bit for bit (GPU only)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,14 +12,14 @@ from fp4kv_jax import get_codec
 ROWS, BYTES = 16, 64  # head_dim 128
 
 
-def _scales(fmt, key):
-    blocks = 2 * BYTES // get_codec(fmt).block_size
+def _scales(fmt, key, rows=ROWS, width=BYTES):
+    blocks = 2 * width // get_codec(fmt).block_size
     if fmt == "nvfp4":
-        magnitudes = jax.random.uniform(key, (ROWS, blocks), minval=2.0**-9, maxval=448.0)
+        magnitudes = jax.random.uniform(key, (rows, blocks), minval=2.0**-9, maxval=448.0)
         return magnitudes.astype(jnp.float8_e4m3fn)
     # Exponents -57 to 61: the PTX path's documented range (|x| below about 2**64),
     # kept above the float32 subnormals that XLA flushes in the portable path.
-    return jax.random.randint(key, (ROWS, blocks), 70, 189).astype(jnp.uint8).at[0, 0].set(255)
+    return jax.random.randint(key, (rows, blocks), 70, 189).astype(jnp.uint8).at[0, 0].set(255)
 
 
 @pytest.mark.gpu
@@ -38,3 +39,41 @@ def test_ptx_decode_matches_portable_decode(fmt):
     expected = jax.jit(lambda d, s: codec.decode_planes(d, s, ptx=False))(data, scales)
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(e, np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("width", [32, 64])  # head_dim 64 and 128
+def test_mosaic_tile_decode_matches_portable_decode(fmt, width):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from fp4kv_jax.kernels.decode_attention import decode_tile_ptx, pallas_mosaic
+
+    codec, rows = get_codec(fmt), 64
+    data = (jnp.arange(rows * width) % 256).astype(jnp.uint8).reshape(rows, width)
+    scales = _scales(fmt, jax.random.key(1), rows, width)
+    scale_rows = pallas_mosaic.scale_rows(scales[None, None])[0, 0]
+
+    def kernel(data_ref, scales_ref, out_ref, data_smem, scales_smem, tile, barrier):
+        plgpu.copy_gmem_to_smem(data_ref, data_smem, barrier)
+        plgpu.copy_gmem_to_smem(scales_ref, scales_smem, barrier)
+        plgpu.barrier_wait(barrier)
+        decode_tile_ptx.decode_tile(codec, data_smem, scales_smem, tile)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(tile, out_ref)
+        plgpu.wait_smem_to_gmem(0)
+
+    got = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((rows, 2 * width), jnp.bfloat16),
+        scratch_types=(
+            plgpu.SMEM(data.shape, jnp.uint8),
+            plgpu.SMEM(scale_rows.shape, jnp.uint8),
+            pallas_mosaic.swizzled_tile(rows, 2 * width),
+            plgpu.Barrier(num_arrivals=2),
+        ),
+        compiler_params=pallas_mosaic.COMPILER_PARAMS,
+    )(data, scale_rows)
+    even, odd = jax.jit(lambda d, s: codec.decode_planes(d, s, ptx=False))(data, scales)
+    expected = jnp.concatenate([even, odd], axis=1).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))

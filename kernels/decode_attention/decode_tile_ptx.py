@@ -1,0 +1,100 @@
+"""Decoding a packed E2M1 tile in shared memory into wgmma's bf16 operand layout, by
+inline PTX run from every thread of a warpgroup (Mosaic GPU kernels only).
+
+Each thread takes 16-byte chunks of packed bytes (32 codes of one row): one vector
+load, the codec's block scales turned into bf16 pairs, the E2M1 bit decode of
+`e2m1.PTX_WORD_PLANES` (one multiply a pair of values), and four 16-byte stores into the 128-byte-swizzled tile, plane-major: a byte's low code goes to
+column c of the even half, its high code to column D/2 + c.
+"""
+
+from __future__ import annotations
+
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, llvm
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from fp4kv_jax.formats import e2m1
+
+_CHUNK = 16  # packed bytes a thread loads at once
+_WARPGROUP = 128
+_SWIZZLE = 128  # bytes; a swizzle atom is 8 rows of this
+SWIZZLED_TILE = plgpu.RefType((plgpu.TilingTransform((8, _SWIZZLE // 2)), plgpu.SwizzleTransform(_SWIZZLE)))
+
+
+def decode_tile(codec, data_ref, scales_ref, out_ref):
+    """data_ref uint8 [R, D/2] and scales_ref uint8 [R * D/block / 16, 16] (row-major
+    block scales) in shared memory -> out_ref bf16 [R, D], plane-major, swizzled.
+
+    The values are those of `codec.decode_planes` (times 2**-plane_exponent), in bf16.
+    """
+    rows, width = data_ref.shape
+    head_dim = 2 * width
+    scales_per_row = head_dim // codec.block_size
+    chunks_per_row = width // _CHUNK
+    words_per_scale = codec.block_size // 8  # a 32-bit word holds 8 codes
+    if (rows * chunks_per_row) % _WARPGROUP:
+        raise ValueError(f"decode_tile: {rows} rows of {width} bytes do not split over a warpgroup.")
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), SWIZZLED_TILE))
+    def emit(ctx, data, scales, out):
+        del ctx
+        i32 = ir.IntegerType.get_signless(32)
+        const = lambda value: arith.constant(i32, value)
+        address = lambda ref: llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))
+        data_base, scales_base, out_base = address(data), address(scales), address(out)
+        thread = arith.remui(mgpu_utils.thread_idx(), const(_WARPGROUP))
+        for step in range(rows * chunks_per_row // _WARPGROUP):
+            chunk = arith.addi(thread, const(step * _WARPGROUP))
+            row = arith.divui(chunk, const(chunks_per_row))
+            column = arith.muli(arith.remui(chunk, const(chunks_per_row)), const(_CHUNK))
+            words = mgpu_utils.inline_ptx(
+                "ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];",
+                arith.addi(data_base, arith.addi(arith.muli(row, const(width)), column)),
+                result_types=[i32] * 4,
+                has_side_effects=True,  # keep it after the barrier that makes the bytes ready
+            )
+            even, odd = [], []
+            for j, word in enumerate(words):
+                if j % words_per_scale == 0:  # a block scale serves 8 or 16 columns of the chunk
+                    block = arith.divui(arith.muli(arith.addi(column, const(4 * j)), const(2)), const(codec.block_size))
+                    scale_byte = mgpu_utils.inline_ptx(
+                        "ld.shared.u8 $0, [$1];",
+                        arith.addi(scales_base, arith.addi(arith.muli(row, const(scales_per_row)), block)),
+                        result_types=i32,
+                        has_side_effects=True,
+                    )
+                    scale = mgpu_utils.inline_ptx(codec.plane_scale_ptx, scale_byte, result_types=i32)
+                even0, even1, odd0, odd1 = mgpu_utils.inline_ptx(
+                    e2m1.PTX_WORD_PLANES, word, scale, result_types=[i32] * 4
+                )
+                even += [even0, even1]
+                odd += [odd0, odd1]
+            for half, plane in enumerate((even, odd)):
+                for part in range(2):  # 8 values = one 16-byte store
+                    col = arith.addi(const(half * width), arith.addi(column, const(8 * part)))
+                    mgpu_utils.inline_ptx(
+                        "st.shared.v4.b32 [$0], {$1, $2, $3, $4};",
+                        arith.addi(out_base, _swizzled_offset(row, col, head_dim, const)),
+                        *plane[4 * part : 4 * part + 4],
+                    )
+
+    emit(data_ref, scales_ref, out_ref)
+
+
+def _swizzled_offset(row, col, head_dim, const):
+    """Byte offset of bf16 element (row, col) of a [R, head_dim] tile tiled (8, 64) and
+    swizzled by 128 bytes; col a multiple of 8.
+
+    Tiles of 8 rows x 64 columns (1 KiB) are stored row-major over (row tile, column
+    tile); inside one, row r's 16-byte chunk k sits at chunk k XOR r.
+    """
+    tile_cols = _SWIZZLE // 2
+    r = arith.remui(row, const(8))
+    tile = arith.addi(
+        arith.muli(arith.divui(row, const(8)), const(head_dim // tile_cols)), arith.divui(col, const(tile_cols))
+    )
+    chunk = arith.xori(arith.divui(arith.remui(col, const(tile_cols)), const(8)), r)
+    return arith.addi(
+        arith.muli(tile, const(8 * _SWIZZLE)), arith.addi(arith.muli(r, const(_SWIZZLE)), arith.muli(chunk, const(16)))
+    )

@@ -1,0 +1,45 @@
+"""Flash-decoding's split of each sequence's positions across programs, and the merge
+of the splits' partial softmax states (where the attention sinks join the
+denominator), shared by the decode kernels."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from fp4kv_jax.kernels import tiles
+
+_MASKED = -1e30
+PROGRAMS_PER_SM = 4
+DEFAULT_SMS = 132
+
+
+def plan(batch: int, kv_heads: int, capacity: int, block_k: int, num_splits: int | None):
+    """(chunk, splits): positions per split, a multiple of block_k, and their count."""
+    blocks = pl.cdiv(capacity, block_k)
+    if num_splits is None:
+        target = PROGRAMS_PER_SM * DEFAULT_SMS
+        num_splits = max(1, min(blocks, pl.cdiv(target, batch * kv_heads)))
+    chunk = pl.cdiv(blocks, num_splits) * block_k
+    return chunk, pl.cdiv(capacity, chunk)
+
+
+def merge(out, peak, total, sinks, group):
+    """Combines per-split (unnormalized out, running max, sum) into float32 [B, Hq, D].
+
+    out [B, Hkv, splits, P, rows, D/P]; peak, total [B, Hkv, splits, rows].
+    """
+    batch, kv_heads, _, _, rows, _ = out.shape
+    best = jnp.max(peak, axis=2)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(kv_heads, group)
+        sink = jnp.pad(sink, ((0, 0), (0, rows - group)), constant_values=_MASKED)[None]
+        best = jnp.maximum(best, sink)
+    weight = jnp.exp(peak - best[:, :, None])
+    denominator = jnp.sum(total * weight, axis=2)
+    if sinks is not None:
+        denominator += jnp.exp(sink - best)
+    merged = jnp.sum(out * weight[:, :, :, None, :, None], axis=2)
+    merged = merged / denominator[:, :, None, :, None]
+    merged = tiles.merge_planes(merged)  # [B, Hkv, rows, D]
+    return merged[:, :, :group].reshape(batch, kv_heads * group, -1)
