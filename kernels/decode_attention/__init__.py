@@ -9,8 +9,9 @@ Implementations:
   "pallas_mosaic"  the same for packed FP4 caches on Hopper (Mosaic GPU lowering: TMA,
                    decode in shared memory, wgmma); on CPU it runs in Mosaic GPU
                    interpret mode.
-The default is "pallas_triton" on GPU (for buffers its 32-bit offsets can address) and
-"reference" elsewhere.
+On GPU the default is "pallas_mosaic" where it handles the layer and head_dim is 128
+(where it measured faster, docs/benchmarks.md), else "pallas_triton" (for buffers its
+32-bit offsets can address); "reference" elsewhere.
 """
 
 from __future__ import annotations
@@ -49,14 +50,14 @@ def decode_attention(
       lengths: int32 [B], valid positions per sequence (each >= 1).
       sinks: float [Hq] learned sink logits that join the softmax denominator only.
       sm_scale: softmax scale; default 1 / sqrt(D).
-      implementation: one of IMPLEMENTATIONS, or None for `tiles.default_implementation(layer.k, layer.v)`.
+      implementation: one of IMPLEMENTATIONS, or None for the default above.
       **tuning: passed to the Pallas implementation (block_k, num_splits, num_stages;
         num_warps for pallas_triton).
 
     Returns:
       [B, Hq, D] in q's dtype.
     """
-    implementation = implementation or tiles.default_implementation(layer.k, layer.v)
+    implementation = implementation or _default_implementation(q, layer)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
@@ -83,6 +84,17 @@ def decode_attention(
     if layer.values_rotated:
         out = hadamard_rotate(out)  # weights . (V H), times H, is weights . V
     return out.astype(q.dtype)
+
+
+def _default_implementation(q, layer: LayerCache) -> str:
+    implementation = tiles.default_implementation(layer.k, layer.v)
+    if implementation == "pallas_triton" and q.shape[-1] == 128:
+        try:
+            pallas_mosaic.check_supported(layer.k, q.shape[1] // layer.k.shape[1])
+        except ValueError:
+            return implementation
+        return "pallas_mosaic"
+    return implementation
 
 
 def _check(q, layer, lengths, sinks):

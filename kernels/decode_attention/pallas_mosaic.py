@@ -8,8 +8,8 @@ reads them straight from shared memory:
     S^T [block_k, N] = K_tile [block_k, D] @ q^T [D, N]      (positions as wgmma's M)
     O^T [D, N]      += V_tile^T [D, block_k] @ P^T [block_k, N]
 
-where N = 16 rows hold the GQA group's query heads (padded). Putting positions, not
-heads, on M keeps the tensor cores' work at 16 rows instead of wgmma's minimum 64.
+where N = 8 or 16 rows hold the GQA group's query heads (padded). Putting positions, not
+heads, on M keeps the tensor cores' work at 8 or 16 rows instead of wgmma's minimum 64.
 The loop is software-pipelined: a block's values are decoded while its scores are in
 flight on the tensor cores, and the next block's keys while its weighted values are.
 Decoded tiles are plane-major: columns [0, D/2) hold the even elements and [D/2, D)
@@ -38,7 +38,7 @@ from fp4kv_jax.kernels import tiles
 from fp4kv_jax.kernels.decode_attention import splits
 
 _MASKED = -1e30  # finite, so a fully masked block cannot make inf - inf
-_HEAD_ROWS = 16  # wgmma's N for the query heads of one KV head
+_MAX_GROUP = 16
 _SCALE_ROW = 16  # block scales are copied as [*, 16]-byte rows (TMA's 16-byte minimum)
 SUPPORTED_FORMATS = ("fp4_e2m1", "nvfp4", "mxfp4")
 
@@ -79,7 +79,7 @@ def _kernel(
     split = lax.axis_index("split")
     length = lengths_ref[batch]
     block_scale_rows = k_scales_smem.shape[1]
-    head_dim = q_smem.shape[1]
+    head_rows, head_dim = q_smem.shape
 
     lo = split * chunk
     hi = jnp.minimum(jnp.minimum(lo + chunk, capacity), length)
@@ -112,9 +112,9 @@ def _kernel(
         decoded while its scores are computed, and block i + 1's keys while its
         weighted values are."""
         column = plgpu.Layout.WGMMA.reduce(0)
-        peak = plgpu.layout_cast(jnp.full((_HEAD_ROWS,), _MASKED, jnp.float32), column)
-        total = plgpu.layout_cast(jnp.zeros((_HEAD_ROWS,), jnp.float32), column)
-        out = plgpu.layout_cast(jnp.zeros((head_dim, _HEAD_ROWS), jnp.float32), plgpu.Layout.WGMMA)
+        peak = plgpu.layout_cast(jnp.full((head_rows,), _MASKED, jnp.float32), column)
+        total = plgpu.layout_cast(jnp.zeros((head_rows,), jnp.float32), column)
+        out = plgpu.layout_cast(jnp.zeros((head_dim, head_rows), jnp.float32), plgpu.Layout.WGMMA)
         pl.when(first < last)(functools.partial(decode_keys, first, k_tile))
 
         def body(block, carry):
@@ -129,9 +129,9 @@ def _kernel(
                 decode(v_data_smem.at[slot], v_scales_smem.at[slot], v_tile)
                 return acc_ref[...]
 
-            scores = pl.run_scoped(scores_of, plgpu.ACC((block_k, _HEAD_ROWS), jnp.float32))
+            scores = pl.run_scoped(scores_of, plgpu.ACC((block_k, head_rows), jnp.float32))
             slots = block * block_k + plgpu.broadcasted_iota(
-                jnp.int32, (block_k, _HEAD_ROWS), 0, layout=plgpu.Layout.WGMMA
+                jnp.int32, (block_k, head_rows), 0, layout=plgpu.Layout.WGMMA
             )
             valid = (slots >= lo) & (slots < hi)
             if ring and window is not None:
@@ -152,7 +152,7 @@ def _kernel(
                 pl.when(block + 1 < last)(functools.partial(decode_keys, block + 1, k_tile))
                 return acc_ref[...]
 
-            block_out = pl.run_scoped(block_out_of, plgpu.ACC((head_dim, _HEAD_ROWS), jnp.float32))
+            block_out = pl.run_scoped(block_out_of, plgpu.ACC((head_dim, head_rows), jnp.float32))
             out = out * lax.broadcast_in_dim(correction, out.shape, [1]) + block_out
             return out, new_peak, total
 
@@ -162,7 +162,7 @@ def _kernel(
         attend,
         swizzled_tile(block_k, head_dim),  # decoded keys
         swizzled_tile(block_k, head_dim),  # decoded values
-        swizzled_tile(_HEAD_ROWS, block_k),  # P, the weights
+        swizzled_tile(head_rows, block_k),  # P, the weights
     )
 
     plgpu.commit_smem()  # every warp is done with `attend`'s tiles
@@ -178,12 +178,13 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(
-        write, plgpu.SMEM((head_dim, _HEAD_ROWS), jnp.float32), plgpu.SMEM((2, _HEAD_ROWS), jnp.float32)
+        write, plgpu.SMEM((head_dim, head_rows), jnp.float32), plgpu.SMEM((2, head_rows), jnp.float32)
     )
 
 
-def check_supported(k: QuantizedTensor, block_k: int) -> None:
-    """Raises ValueError unless this implementation handles the layer's K (and V)."""
+def check_supported(k: QuantizedTensor, group: int, block_k: int = 64) -> None:
+    """Raises ValueError unless this implementation handles the layer's K (and V) for a
+    GQA group of `group` query heads per KV head."""
     if k.fmt not in SUPPORTED_FORMATS:
         raise ValueError(
             f"implementation: 'pallas_mosaic' handles {', '.join(SUPPORTED_FORMATS)}, "
@@ -196,6 +197,10 @@ def check_supported(k: QuantizedTensor, block_k: int) -> None:
         raise ValueError(
             f"implementation: 'pallas_mosaic' needs a cache capacity that is a multiple of "
             f"block_k={block_k}, got {capacity}."
+        )
+    if group > _MAX_GROUP:
+        raise ValueError(
+            f"implementation: 'pallas_mosaic' takes up to {_MAX_GROUP} query heads per KV head, got {group}."
         )
 
 
@@ -227,19 +232,18 @@ def decode_attention(
     interpret: bool = False,
 ) -> jax.Array:
     """q [B, Hq, D]; k, v packed FP4 [B, Hkv, S, D]; lengths int32 [B] -> [B, Hq, D] in q's dtype."""
-    check_supported(k, block_k)
     codec = get_codec(k.fmt)
     batch, num_heads, head_dim = q.shape
     kv_heads, capacity = k.shape[1], k.shape[2]
     group = num_heads // kv_heads
-    if group > _HEAD_ROWS:
-        raise ValueError(f"q: 'pallas_mosaic' takes up to {_HEAD_ROWS} query heads per KV head, got {group}.")
+    check_supported(k, group, block_k)
+    head_rows = 8 if group <= 8 else 16  # wgmma's N: the group's query heads, padded
     chunk, num_split_programs = splits.plan(batch, kv_heads, capacity, block_k, num_splits)
 
     # K's plane factor joins the queries, V's the output; columns go plane-major.
     qg = q.astype(jnp.float32) * (sm_scale * tiles.plane_factor(k))
     qg = qg.reshape(batch, kv_heads, group, head_dim)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, _HEAD_ROWS - group), (0, 0)))
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, head_rows - group), (0, 0)))
     q_planes = jnp.concatenate([qg[..., 0::2], qg[..., 1::2]], axis=-1).astype(jnp.bfloat16)
 
     block_scale_rows = block_k * head_dim // codec.block_size // _SCALE_ROW
@@ -259,12 +263,12 @@ def decode_attention(
     out, peak, total = plgpu.kernel(
         kernel,
         out_type=(
-            jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, head_dim, _HEAD_ROWS), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, _HEAD_ROWS), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, _HEAD_ROWS), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, head_dim, head_rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, head_rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, head_rows), jnp.float32),
         ),
         scratch_types=(
-            swizzled_tile(_HEAD_ROWS, head_dim, jnp.bfloat16),  # q, plane-major
+            swizzled_tile(head_rows, head_dim, jnp.bfloat16),  # q, plane-major
             stage(packed),
             stage((block_scale_rows, _SCALE_ROW)),
             stage(packed),
@@ -281,6 +285,6 @@ def decode_attention(
         k.data, scale_rows(k.scales), v.data, scale_rows(v.scales),
     )
     # O^T [D plane-major, N] -> [P, N, D/P], the layout the split merge takes.
-    out = jnp.swapaxes(out, -1, -2).reshape(batch, kv_heads, num_split_programs, _HEAD_ROWS, 2, head_dim // 2)
+    out = jnp.swapaxes(out, -1, -2).reshape(batch, kv_heads, num_split_programs, head_rows, 2, head_dim // 2)
     out = jnp.moveaxis(out, -2, -3)
     return (splits.merge(out, peak, total, sinks, group) * tiles.plane_factor(v)).astype(q.dtype)
