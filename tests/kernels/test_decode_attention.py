@@ -149,3 +149,17 @@ def test_compiled_kernel_matches_reference_on_gpu(fmt, implementation):
     ref = decode_attention(q, cache.layers[0], cache.lengths, sinks=sinks, implementation="reference")
     out = decode_attention(q, cache.layers[0], cache.lengths, sinks=sinks, implementation=implementation)
     assert relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_default_is_the_mosaic_kernel_for_packed_fp4_at_head_dim_128():
+    from fp4kv_jax.kernels.decode_attention import _default_implementation
+
+    fp4, q = _filled_cache(4, "nvfp4", 16, 2, 128, [200, 7], 256, None)
+    assert _default_implementation(q, fp4.layers[0]) == "pallas_mosaic"
+    ref = decode_attention(q, fp4.layers[0], fp4.lengths, implementation="reference")
+    assert relative_error(decode_attention(q, fp4.layers[0], fp4.lengths), ref) < 1e-2
+    narrow, q64 = _filled_cache(4, "nvfp4", 16, 2, 64, [200, 7], 256, None)
+    bf16, _ = _filled_cache(4, "bf16", 16, 2, 128, [200, 7], 256, None)
+    assert _default_implementation(q64, narrow.layers[0]) == "pallas_triton"
+    assert _default_implementation(q, bf16.layers[0]) == "pallas_triton"
