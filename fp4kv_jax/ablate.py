@@ -282,7 +282,7 @@ def _row(
         seed=settings.seed,
     )
     relative_error = np.sqrt(tally.squared_error / tally.reference_squared)
-    bytes_per_token = kv_cache_bytes_per_token(config, recipe.cache_dtype)
+    bytes_per_token = kv_cache_bytes_per_token(config, **recipe.storage)
     elements_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
     kl_by_position = kl.mean(axis=0)
     runs = _position_runs(nll.shape[1], settings.position_buckets)
@@ -299,7 +299,7 @@ def _row(
         "bits_per_element": 8 * bytes_per_token / elements_per_token,
         "bytes_per_token": bytes_per_token,
         "tokens_in_budget": max_cache_tokens(
-            config, recipe.cache_dtype, int(settings.budget_gib * _GIB)
+            config, budget_bytes=int(settings.budget_gib * _GIB), **recipe.storage
         ),
         "layer_errors": {
             tensor: relative_error[index].tolist() for index, tensor in enumerate(LAYER_TENSORS)

@@ -71,10 +71,6 @@ class LayerCache:
     def capacity(self) -> int:
         return self.k.data.shape[2]
 
-    @property
-    def fmt(self) -> str:
-        return self.k.fmt
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +96,32 @@ class KVCache:
         return self.lengths.shape[0]
 
     @property
-    def formats(self) -> tuple[str, ...]:
-        return tuple(layer.fmt for layer in self.layers)
-
-    @property
     def nbytes(self) -> int:
         return sum(leaf.nbytes for leaf in jax.tree.leaves(self))
+
+
+def tensor_formats(
+    cache_dtype: str | Sequence[str],
+    num_layers: int,
+    key_dtype: str | None = None,
+    value_dtype: str | None = None,
+    bf16_layers: Sequence[int] = (),
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(key formats, value formats), one per layer, from `init_cache`'s arguments."""
+    formats = _layer_formats(cache_dtype, num_layers)
+    for name, override in (("key_dtype", key_dtype), ("value_dtype", value_dtype)):
+        if override is not None:
+            get_codec(override, arg=name)
+    outside = [layer for layer in bf16_layers if not 0 <= layer < num_layers]
+    if outside:
+        raise ValueError(f"bf16_layers: {outside} are not layers of a {num_layers}-layer model.")
+
+    def per_layer(override):
+        return tuple(
+            "bf16" if layer in bf16_layers else (override or fmt) for layer, fmt in enumerate(formats)
+        )
+
+    return per_layer(key_dtype), per_layer(value_dtype)
 
 
 def _layer_formats(cache_dtype: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
@@ -142,6 +158,9 @@ def init_cache(
     trim_sliding_layers: bool = False,
     rotate_keys: bool = False,
     rotate_values: bool = False,
+    key_dtype: str | None = None,
+    value_dtype: str | None = None,
+    bf16_layers: Sequence[int] = (),
 ) -> KVCache:
     """An empty cache for `config` (a ModelConfig, built-in id or HF directory).
 
@@ -149,6 +168,11 @@ def init_cache(
       batch_size: sequences held.
       max_len: positions per sequence.
       cache_dtype: one format name for every layer, or one per layer.
+      key_dtype, value_dtype: store every layer's keys (values) in this format
+        instead of cache_dtype, for ablations of K against V (the Pallas attention
+        kernels need K and V in one format; attention falls back to the reference).
+      bf16_layers: indices of layers whose keys and values are stored in bf16
+        whatever the other arguments say (a per-layer dtype recipe).
       trim_sliding_layers: sliding-window layers keep only their last `sliding_window`
         positions, in a ring buffer.
       rotate_keys: store keys rotated by the Hadamard matrix along head_dim (an
@@ -160,20 +184,23 @@ def init_cache(
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}.")
-    formats = _layer_formats(cache_dtype, config.num_layers)
+    key_formats, value_formats = tensor_formats(
+        cache_dtype, config.num_layers, key_dtype, value_dtype, bf16_layers
+    )
     if rotate_keys or rotate_values:
         hadamard_matrix(config.head_dim)  # refuses a head_dim that is not a power of two
     layers = []
-    for layer, fmt in enumerate(formats):
-        get_codec(fmt).check_last_dim(config.head_dim, arg="head_dim")
+    for layer, (key_fmt, value_fmt) in enumerate(zip(key_formats, value_formats)):
+        for fmt in (key_fmt, value_fmt):
+            get_codec(fmt).check_last_dim(config.head_dim, arg="head_dim")
         window = config.layer_window(layer)
         ring = trim_sliding_layers and window is not None and window < max_len
         capacity = window if ring else max_len
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
         layers.append(
             LayerCache(
-                empty_tensor(fmt, shape), empty_tensor(fmt, shape), window, ring, rotate_keys,
-                rotate_values,
+                empty_tensor(key_fmt, shape), empty_tensor(value_fmt, shape), window, ring,
+                rotate_keys, rotate_values,
             )
         )
     return KVCache(
@@ -335,28 +362,25 @@ def read_layer(
 def set_global_scales(
     cache: KVCache, k_scales: Sequence[float], v_scales: Sequence[float]
 ) -> KVCache:
-    """Sets the per-layer float32 global scales of K and V (fp8, nvfp4 layers).
+    """Sets the per-layer float32 global scales of K and V (fp8, nvfp4 tensors).
 
-    Only an empty cache may change scale: stored values are relative to it. Layers
+    Only an empty cache may change scale: stored values are relative to it. Tensors
     whose format has no global scale must get None.
     """
     if _is_concrete(cache.lengths) and bool(jnp.any(cache.lengths > 0)):
         raise ValueError("cache: global scales can only be set on an empty cache.")
     layers = []
     for layer, (lc, ks, vs) in enumerate(zip(cache.layers, k_scales, v_scales, strict=True)):
-        has = get_codec(lc.fmt).has_global_scale
-        if has != (ks is not None) or has != (vs is not None):
-            raise ValueError(
-                f"k_scales, v_scales: layer {layer} ({lc.fmt}) needs "
-                f"{'a float' if has else 'None'} for both."
-            )
-        if has:
-            lc = dataclasses.replace(
-                lc,
-                k=dataclasses.replace(lc.k, global_scale=jnp.asarray(ks, jnp.float32)),
-                v=dataclasses.replace(lc.v, global_scale=jnp.asarray(vs, jnp.float32)),
-            )
-        layers.append(lc)
+        tensors = {}
+        for name, stored, scale in (("k", lc.k, ks), ("v", lc.v, vs)):
+            has = get_codec(stored.fmt).has_global_scale
+            if has != (scale is not None):
+                raise ValueError(
+                    f"{name}_scales: layer {layer} ({stored.fmt}) needs {'a float' if has else 'None'}."
+                )
+            if has:
+                tensors[name] = dataclasses.replace(stored, global_scale=jnp.asarray(scale, jnp.float32))
+        layers.append(dataclasses.replace(lc, **tensors))
     return dataclasses.replace(cache, layers=tuple(layers))
 
 

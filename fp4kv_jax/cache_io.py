@@ -21,7 +21,8 @@ def _layout(cache: KVCache) -> dict:
         "batch_size": cache.batch_size,
         "layers": [
             {
-                "fmt": lc.fmt, "shape": list(lc.k.shape), "window": lc.window, "ring": lc.ring,
+                "key_fmt": lc.k.fmt, "value_fmt": lc.v.fmt, "shape": list(lc.k.shape),
+                "window": lc.window, "ring": lc.ring,
                 "keys_rotated": lc.keys_rotated, "values_rotated": lc.values_rotated,
             }
             for lc in cache.layers
@@ -32,8 +33,8 @@ def _layout(cache: KVCache) -> dict:
 def _empty_from_layout(layout: dict) -> KVCache:
     layers = tuple(
         LayerCache(
-            empty_tensor(spec["fmt"], tuple(spec["shape"])),
-            empty_tensor(spec["fmt"], tuple(spec["shape"])),
+            empty_tensor(spec["key_fmt"], tuple(spec["shape"])),
+            empty_tensor(spec["value_fmt"], tuple(spec["shape"])),
             spec["window"],
             spec["ring"],
             spec.get("keys_rotated", False),

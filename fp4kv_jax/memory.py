@@ -8,39 +8,45 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fp4kv_jax.cache import tensor_formats
 from fp4kv_jax.formats import get_codec
 from fp4kv_jax.models.configs import ModelConfig, get_config
 
 _LENGTH_BYTES = 4  # int32 length per sequence
 _FLAG_BYTES = 2  # the overflowed and nonfinite bools
-_GLOBAL_SCALE_BYTES = 4  # float32, for K and for V of each layer that has one
+_GLOBAL_SCALE_BYTES = 4  # float32, for each K or V tensor whose format has one
 
 
-def _formats(config: ModelConfig, cache_dtype: str | Sequence[str]) -> tuple[str, ...]:
-    formats = (cache_dtype,) * config.num_layers if isinstance(cache_dtype, str) else tuple(cache_dtype)
-    if len(formats) != config.num_layers:
-        raise ValueError(
-            f"cache_dtype: a per-layer list needs {config.num_layers} entries, got {len(formats)}."
-        )
-    return formats
+def _layer_formats(config: ModelConfig, cache_dtype, key_dtype, value_dtype, bf16_layers):
+    """(key format, value format) of each layer, as `init_cache` builds them."""
+    return zip(*tensor_formats(cache_dtype, config.num_layers, key_dtype, value_dtype, bf16_layers))
 
 
-def _layer_bytes_per_position(config: ModelConfig, fmt: str) -> int:
-    """K plus V of one position in one layer: data and block scales."""
+def _tensor_bytes_per_position(config: ModelConfig, fmt: str) -> int:
+    """K or V of one position in one layer: data and block scales."""
     codec = get_codec(fmt, arg="cache_dtype")
-    return 2 * config.num_kv_heads * codec.bytes_per_vector(config.head_dim)
+    return config.num_kv_heads * codec.bytes_per_vector(config.head_dim)
 
 
 def kv_cache_bytes_per_token(
-    config: ModelConfig | str, cache_dtype: str | Sequence[str]
+    config: ModelConfig | str,
+    cache_dtype: str | Sequence[str],
+    *,
+    key_dtype: str | None = None,
+    value_dtype: str | None = None,
+    bf16_layers: Sequence[int] = (),
 ) -> int:
     """Bytes that one more token of one sequence costs across all layers.
 
     Equals 2 * layers * kv_heads * head_dim * bits / 8 with the block scales counted in
     the bits. Sliding layers count too: this is the cache without trimmed windows.
+    key_dtype, value_dtype and bf16_layers are `init_cache`'s.
     """
     config = get_config(config)
-    return sum(_layer_bytes_per_position(config, f) for f in _formats(config, cache_dtype))
+    return sum(
+        _tensor_bytes_per_position(config, k) + _tensor_bytes_per_position(config, v)
+        for k, v in _layer_formats(config, cache_dtype, key_dtype, value_dtype, bf16_layers)
+    )
 
 
 def kv_cache_bytes(
@@ -50,16 +56,21 @@ def kv_cache_bytes(
     max_len: int,
     *,
     trim_sliding_layers: bool = False,
+    key_dtype: str | None = None,
+    value_dtype: str | None = None,
+    bf16_layers: Sequence[int] = (),
 ) -> int:
     """The exact bytes of `init_cache(config, batch_size, max_len, cache_dtype, ...)`."""
     config = get_config(config)
     total = batch_size * _LENGTH_BYTES + _FLAG_BYTES
-    for layer, fmt in enumerate(_formats(config, cache_dtype)):
+    layer_formats = _layer_formats(config, cache_dtype, key_dtype, value_dtype, bf16_layers)
+    for layer, formats in enumerate(layer_formats):
         window = config.layer_window(layer)
         capacity = min(window, max_len) if trim_sliding_layers and window else max_len
-        total += batch_size * capacity * _layer_bytes_per_position(config, fmt)
-        if get_codec(fmt).has_global_scale:
-            total += 2 * _GLOBAL_SCALE_BYTES
+        for fmt in formats:
+            total += batch_size * capacity * _tensor_bytes_per_position(config, fmt)
+            if get_codec(fmt).has_global_scale:
+                total += _GLOBAL_SCALE_BYTES
     return total
 
 
@@ -70,6 +81,9 @@ def max_cache_tokens(
     *,
     batch_size: int = 1,
     trim_sliding_layers: bool = False,
+    key_dtype: str | None = None,
+    value_dtype: str | None = None,
+    bf16_layers: Sequence[int] = (),
 ) -> int:
     """The largest max_len whose cache of `batch_size` sequences fits `budget_bytes`.
 
@@ -80,7 +94,8 @@ def max_cache_tokens(
     def fits(n: int) -> bool:
         return (
             kv_cache_bytes(
-                config, cache_dtype, batch_size, n, trim_sliding_layers=trim_sliding_layers
+                config, cache_dtype, batch_size, n, trim_sliding_layers=trim_sliding_layers,
+                key_dtype=key_dtype, value_dtype=value_dtype, bf16_layers=bf16_layers,
             )
             <= budget_bytes
         )

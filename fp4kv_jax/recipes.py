@@ -14,11 +14,20 @@ from fp4kv_jax.formats import get_codec
 
 # Suffixes a recipe name may add to a cache dtype, and the `init_cache` options each
 # turns on: "nvfp4+hadamard" is nvfp4 with keys stored Hadamard-rotated,
-# "nvfp4+hadamard+hadamard_v" with values rotated too.
+# "nvfp4+hadamard+hadamard_v" with values rotated too; "nvfp4+keys_only" stores only
+# the keys in nvfp4 and the values in bf16, "nvfp4+values_only" the other way round;
+# "nvfp4+fp8_keys" stores the keys in fp8_e4m3 and the values in nvfp4.
 RECIPE_OPTIONS = {
     "hadamard": (("rotate_keys", True),),
     "hadamard_v": (("rotate_values", True),),
+    "keys_only": (("value_dtype", "bf16"),),
+    "values_only": (("key_dtype", "bf16"),),
+    "fp8_keys": (("key_dtype", "fp8_e4m3"),),
 }
+# A suffix with a count: "nvfp4+bf16_first=2" keeps the first 2 layers in bf16.
+_BF16_FIRST = "bf16_first="
+# The options that change what the cache stores, and so its memory figures.
+_STORAGE_OPTIONS = ("key_dtype", "value_dtype", "bf16_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +37,7 @@ class CacheRecipe:
 
     Attributes:
       name: the recipe's name, e.g. "nvfp4+hadamard".
-      cache_dtype: the cache format; it alone sets the memory figures.
+      cache_dtype: the cache format.
       options: more `fp4kv_jax.cache.init_cache` keyword arguments, as (name, value)
         pairs.
     """
@@ -36,6 +45,13 @@ class CacheRecipe:
     name: str
     cache_dtype: str
     options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def storage(self) -> dict:
+        """`fp4kv_jax.memory` keyword arguments for this recipe's memory figures."""
+        return dict(cache_dtype=self.cache_dtype, **{
+            name: value for name, value in self.options if name in _STORAGE_OPTIONS
+        })
 
     def build_cache(self, model, batch_size: int, max_len: int) -> kv_cache.KVCache:
         """An empty cache of this recipe for `batch_size` sequences of `max_len` tokens."""
@@ -45,15 +61,23 @@ class CacheRecipe:
 def recipe_from_name(name: str) -> CacheRecipe:
     """The recipe a row name spells: a cache dtype, then optional "+suffix" parts.
 
-    For example "fp4_e2m1" or "nvfp4+hadamard"; suffixes are the keys of RECIPE_OPTIONS.
+    For example "fp4_e2m1" or "nvfp4+hadamard"; suffixes are the keys of RECIPE_OPTIONS
+    and "bf16_first=N" (the first N layers stored in bf16, a per-layer dtype).
     """
     cache_dtype, *suffixes = name.split("+")
     get_codec(cache_dtype, arg="cache_dtype")
-    unknown = [suffix for suffix in suffixes if suffix not in RECIPE_OPTIONS]
+    options = []
+    unknown = []
+    for suffix in suffixes:
+        if suffix in RECIPE_OPTIONS:
+            options += RECIPE_OPTIONS[suffix]
+        elif suffix.startswith(_BF16_FIRST) and suffix[len(_BF16_FIRST):].isdigit():
+            options.append(("bf16_layers", tuple(range(int(suffix[len(_BF16_FIRST):])))))
+        else:
+            unknown.append(suffix)
     if unknown:
         raise ValueError(
             f"cache_dtype: unknown recipe suffix(es) {unknown} in {name!r}; valid: "
-            f"{', '.join('+' + key for key in RECIPE_OPTIONS)}."
+            f"{', '.join('+' + key for key in RECIPE_OPTIONS)}, +{_BF16_FIRST}N."
         )
-    options = tuple(option for suffix in suffixes for option in RECIPE_OPTIONS[suffix])
-    return CacheRecipe(name=name, cache_dtype=cache_dtype, options=options)
+    return CacheRecipe(name=name, cache_dtype=cache_dtype, options=tuple(options))

@@ -68,10 +68,22 @@ def overflows_int32_offsets(x: QuantizedTensor) -> bool:
 
 
 def default_implementation(*tensors: QuantizedTensor) -> str:
-    """"pallas_triton" on GPU when Pallas can address every tensor, else "reference"."""
+    """"pallas_triton" on GPU when Pallas can address every tensor and they share one
+    format, else "reference"."""
     on_gpu = jax.default_backend() == "gpu"
     addressable = not any(overflows_int32_offsets(x) for x in tensors)
-    return "pallas_triton" if on_gpu and addressable else "reference"
+    one_format = len({x.fmt for x in tensors}) == 1
+    return "pallas_triton" if on_gpu and addressable and one_format else "reference"
+
+
+def check_one_format(k: QuantizedTensor, v: QuantizedTensor, *, arg: str) -> None:
+    """The Pallas attention kernels decode K and V with one codec: refuse a layer whose
+    keys and values are stored in different formats, naming `arg`."""
+    if k.fmt != v.fmt:
+        raise ValueError(
+            f"{arg}: keys stored as {k.fmt!r} and values as {v.fmt!r}; the Pallas kernels "
+            "need one format for both, use implementation='reference'."
+        )
 
 
 def interpret_mode(*tensors: QuantizedTensor, arg: str) -> bool:

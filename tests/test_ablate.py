@@ -31,7 +31,7 @@ from fp4kv_jax.recipes import recipe_from_name
 from fp4kv_jax.models import from_pretrained
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-ROWS = ["bf16", "fp8_e4m3", "fp4_e2m1"]
+ROWS = ["bf16", "fp8_e4m3", "fp4_e2m1", "fp4_e2m1+keys_only"]
 SETTINGS = AblationSettings(prompt_tokens=8, greedy_tokens=4, block_tokens=5, resamples=200)
 
 
@@ -63,7 +63,7 @@ def corpus_file(tmp_path_factory):
 def results(llama, corpus_file):
     name, texts = load_corpus(corpus_file)
     return ablate(
-        llama, "llama-fixture", name, texts, ["fp8_e4m3", "fp4_e2m1"], context=16, tokens=45,
+        llama, "llama-fixture", name, texts, ROWS[1:], context=16, tokens=45,
         prompts=2, settings=SETTINGS, progress=False,
     )
 
@@ -72,7 +72,7 @@ def _rows(results):
     return {row["name"]: row for row in results["results"]}
 
 
-@pytest.mark.parametrize("row", ["fp4_e2m1", "nvfp4+hadamard+hadamard_v"])
+@pytest.mark.parametrize("row", ["fp4_e2m1", "nvfp4+hadamard+hadamard_v", "nvfp4+values_only"])
 def test_one_pass_window_score_equals_token_by_token_decode_through_the_same_cache(llama, row):
     with np.load(FIXTURES / "llama" / "golden.npz") as golden:
         input_ids = golden["input_ids"][:1, :12]
@@ -97,8 +97,15 @@ def test_recipe_names_spell_a_cache_dtype_and_its_options():
         "nvfp4+hadamard", "nvfp4", {"rotate_keys": True}
     )
     assert recipe_from_name("fp8_e4m3").options == ()
+    keys_only = recipe_from_name("nvfp4+keys_only")
+    assert keys_only.storage == {"cache_dtype": "nvfp4", "value_dtype": "bf16"}
+    assert dict(recipe_from_name("mxfp4+values_only").options) == {"key_dtype": "bf16"}
+    assert recipe_from_name("nvfp4+bf16_first=2").storage == {"cache_dtype": "nvfp4", "bf16_layers": (0, 1)}
+    assert dict(recipe_from_name("nvfp4+fp8_keys").options) == {"key_dtype": "fp8_e4m3"}
     with pytest.raises(ValueError, match=r"unknown recipe suffix\(es\) \['rotate'\].*valid: \+hadamard"):
         recipe_from_name("nvfp4+rotate")
+    with pytest.raises(ValueError, match=r"\['bf16_first=x'\].*\+bf16_first=N"):
+        recipe_from_name("nvfp4+bf16_first=x")
     with pytest.raises(ValueError, match="cache_dtype"):
         recipe_from_name("fp5+hadamard")
 
@@ -174,16 +181,17 @@ def test_perplexity_is_that_of_the_one_pass_window_scores(llama, corpus_file, re
 
 def test_memory_figures_come_from_the_memory_planner(llama, results):
     for row in results["results"]:
-        per_token = kv_cache_bytes_per_token(llama.config, row["cache_dtype"])
-        assert row["bytes_per_token"] == per_token
-        assert row["tokens_in_budget"] == max_cache_tokens(llama.config, row["cache_dtype"], 1024**3)
-    assert [row["bits_per_element"] for row in results["results"]] == [16, 8, 4.5]
+        storage = recipe_from_name(row["name"]).storage
+        assert row["bytes_per_token"] == kv_cache_bytes_per_token(llama.config, **storage)
+        assert row["tokens_in_budget"] == max_cache_tokens(llama.config, budget_bytes=1024**3, **storage)
+    # keys_only: nvfp4 keys (4.5 bits) and bf16 values (16 bits)
+    assert [row["bits_per_element"] for row in results["results"]] == [16, 8, 4.5, 10.25]
 
 
 def test_outputs_hold_one_row_per_cache_dtype(results, tmp_path):
     paths = write_outputs(results, tmp_path)
     written = json.loads((tmp_path / "results.json").read_text())
-    assert [row["cache_dtype"] for row in written["results"]] == ROWS
+    assert [row["name"] for row in written["results"]] == ROWS
     assert written["config"]["context"] == 16 and written["config"]["cache_dtypes"] == ROWS
     assert set(written["results"][0]["layer_errors"]) == {"k", "v", "attention_output"}
     assert all(len(e) == 2 for e in written["results"][0]["layer_errors"].values())

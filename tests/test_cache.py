@@ -9,6 +9,7 @@ import pytest
 
 from fp4kv_jax import cache as C
 from fp4kv_jax import dequantize, format_names, quantize
+from fp4kv_jax.kernels.decode_attention import decode_attention
 from fp4kv_jax.models.configs import ModelConfig
 
 TINY = ModelConfig(
@@ -105,10 +106,25 @@ def test_nonfinite_values_set_the_flag():
         C.check_cache(cache)
 
 
+def test_keys_and_values_may_take_different_formats():
+    cache = C.init_cache(TINY, batch_size=1, max_len=4, cache_dtype="nvfp4", value_dtype="bf16")
+    assert [(lc.k.fmt, lc.v.fmt) for lc in cache.layers] == [("nvfp4", "bf16")] * 2
+    x = _kv(2, 1, 3)
+    cache = C.update(cache, [x] * 2, [x] * 2)
+    k, v, _ = C.read_layer(cache, 0)
+    np.testing.assert_array_equal(v[0, :, :3], x[0].swapaxes(0, 1).astype(jnp.bfloat16).astype(jnp.float32))
+    assert not np.array_equal(k[0, :, :3], v[0, :, :3])  # the keys went through nvfp4
+    q = jnp.ones((1, TINY.num_heads, TINY.head_dim))
+    with pytest.raises(ValueError, match="layer: keys stored as 'nvfp4' and values as 'bf16'"):
+        decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_triton")
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(cache_dtype="int4"), "cache_dtype: unknown cache format 'int4'; valid formats"),
+        (dict(key_dtype="fp3"), "key_dtype: unknown cache format 'fp3'"),
+        (dict(bf16_layers=(2,)), r"bf16_layers: \[2\] are not layers of a 2-layer model"),
         (dict(max_len=0), "max_len"),
         (dict(cache_dtype=["bf16"]), "per-layer list needs 2 entries"),
     ],
@@ -145,7 +161,6 @@ def test_global_scales_are_settable_only_on_an_empty_cache():
 
 
 def test_rotated_keys_and_values_read_back_as_written_and_leave_attention_unchanged():
-    from fp4kv_jax.kernels.decode_attention import decode_attention
 
     k, v = _kv(2, 2, 6), _kv(3, 2, 6)
     q = jax.random.normal(jax.random.key(4), (2, TINY.num_heads, TINY.head_dim))

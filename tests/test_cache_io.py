@@ -8,9 +8,9 @@ from fp4kv_jax import cache as C
 from fp4kv_jax.cache_io import load_cache, save_cache
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8_e5m2"])
-def test_round_trip_is_bit_exact(tmp_path, fmt):
-    cache = C.init_cache("smollm2-135m", 2, 16, fmt)
+@pytest.mark.parametrize("fmt, value_dtype", [("nvfp4", None), ("fp8_e5m2", None), ("mxfp4", "bf16")])
+def test_round_trip_is_bit_exact(tmp_path, fmt, value_dtype):
+    cache = C.init_cache("smollm2-135m", 2, 16, fmt, value_dtype=value_dtype)
     x = jax.random.normal(jax.random.key(0), (2, 5, 3, 64))
     cache = C.update(cache, [x] * 30, [2 * x] * 30, num_tokens=np.array([5, 2]))
     restored = load_cache(save_cache(tmp_path / "cache", cache))

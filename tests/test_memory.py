@@ -28,6 +28,23 @@ def test_estimate_equals_allocated_bytes(fmt, trim):
     assert kv_cache_bytes(args[0], fmt, *args[1:], trim_sliding_layers=trim) == allocated
 
 
+def test_key_and_value_dtypes_are_counted_apart_and_equal_allocated_bytes():
+    per_token = kv_cache_bytes_per_token("gpt-oss-20b", "nvfp4", value_dtype="bf16")
+    halves = kv_cache_bytes_per_token("gpt-oss-20b", "nvfp4") + kv_cache_bytes_per_token("gpt-oss-20b", "bf16")
+    assert per_token == halves // 2
+    allocated = C.init_cache("gpt-oss-20b", 2, 300, "bf16", key_dtype="nvfp4").nbytes
+    assert kv_cache_bytes("gpt-oss-20b", "bf16", 2, 300, key_dtype="nvfp4") == allocated
+
+
+def test_bf16_layers_are_counted_as_bf16_and_equal_allocated_bytes():
+    mixed = ["bf16"] * 2 + ["nvfp4"] * 28
+    assert kv_cache_bytes_per_token("smollm2-135m", "nvfp4", bf16_layers=(0, 1)) == kv_cache_bytes_per_token(
+        "smollm2-135m", mixed
+    )
+    allocated = C.init_cache("gpt-oss-20b", 2, 300, "nvfp4", value_dtype="fp8_e4m3", bf16_layers=(3,)).nbytes
+    assert kv_cache_bytes("gpt-oss-20b", "nvfp4", 2, 300, value_dtype="fp8_e4m3", bf16_layers=(3,)) == allocated
+
+
 def test_per_layer_dtypes_are_summed():
     mixed = ["bf16"] * 15 + ["fp4_e2m1"] * 15
     expected = (kv_cache_bytes_per_token("smollm2-135m", "bf16") + kv_cache_bytes_per_token("smollm2-135m", "fp4_e2m1")) // 2

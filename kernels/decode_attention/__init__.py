@@ -72,11 +72,13 @@ def decode_attention(
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
         out = reference.decode_attention(q, layer.k, layer.v, lengths, **args)
     elif implementation == "pallas_mosaic":
+        tiles.check_one_format(layer.k, layer.v, arg="layer")
         interpret = jax.default_backend() != "gpu"
         out = pallas_mosaic.decode_attention(
             q, layer.k, layer.v, lengths, interpret=interpret, **args, **tuning
         )
     else:
+        tiles.check_one_format(layer.k, layer.v, arg="layer")
         interpret = tiles.interpret_mode(layer.k, layer.v, arg="layer")
         out = pallas_triton.decode_attention(
             q, layer.k, layer.v, lengths, interpret=interpret, **args, **tuning

@@ -87,6 +87,7 @@ def prefill_attention(
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
         out = reference.prefill_attention(q, layer.k, layer.v, start, **args)
     else:
+        tiles.check_one_format(layer.k, layer.v, arg="layer")
         interpret = tiles.interpret_mode(layer.k, layer.v, arg="layer")
         out = pallas_triton.prefill_attention(
             q, layer.k, layer.v, start, interpret=interpret, **args, **tuning
