@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
 import jax.numpy as jnp
 
 from fp4kv_jax.formats import format_names
@@ -135,10 +136,6 @@ def run_generate(args) -> int:
 
 
 def run_ablate(args) -> int:
-    from fp4kv_jax.ablate import AblationSettings, ablate, load_corpus, markdown_table, write_outputs
-    from fp4kv_jax.recipes import recipe_from_name
-    from fp4kv_jax.models import from_pretrained
-
     if args.context < 2:
         raise ValueError(f"--context: a window needs at least 2 tokens, got {args.context}.")
     if args.tokens < args.context:
@@ -147,6 +144,20 @@ def run_ablate(args) -> int:
         raise ValueError(f"--prompts: must be at least 1, got {args.prompts}.")
     if args.budget_gib <= 0:
         raise ValueError(f"--budget-gib: must be positive, got {args.budget_gib:g}.")
+    try:
+        device = jax.devices(args.device)[0]
+    except RuntimeError:
+        raise ValueError(f"--device: JAX sees no {args.device} device; valid here: "
+                         f"{', '.join(sorted({d.platform for d in jax.devices()} | {'cpu'}))}.") from None
+    with jax.default_device(device):
+        return _ablate_on_device(args)
+
+
+def _ablate_on_device(args) -> int:
+    from fp4kv_jax.ablate import AblationSettings, ablate, load_corpus, markdown_table, write_outputs
+    from fp4kv_jax.recipes import recipe_from_name
+    from fp4kv_jax.models import from_pretrained
+
     corpus_name, texts = load_corpus(args.corpus)
     # float32 parameters, so that the cache is the only thing that differs between rows.
     model = from_pretrained(args.model, dtype=jnp.float32)
@@ -232,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--prompts", type=int, default=8, help="prompts for greedy-continuation agreement")
     abl.add_argument("--budget-gib", type=float, default=1.0, help="memory budget in GiB for tokens that fit")
     abl.add_argument("--out", default="ablation_results", help="directory for results.json, results.md, plots")
+    abl.add_argument(
+        "--device", choices=("cpu", "gpu"), default="cpu",
+        help="where to run; on gpu, attention goes through the fused Pallas kernels",
+    )
     return parser
 
 

@@ -67,13 +67,28 @@ def overflows_int32_offsets(x: QuantizedTensor) -> bool:
     return any(b.size > 2**31 and b.size * b.dtype.itemsize <= 2**32 for b in buffers)
 
 
+# head_dim the compiled kernels are checked at on the GPU (tests/kernels -m gpu). A
+# 16-wide FP4 layer (8-column planes, below the tensor cores' K of 16) gave wrong
+# attention there (docs/benchmarks.md), so compiled kernels take only these.
+GPU_HEAD_DIM_MULTIPLE = 64
+
+
+def on_gpu() -> bool:
+    """Whether computations run on a GPU: the device `jax.default_device` names, else
+    JAX's default backend (so `fp4kv ablate --device cpu` works on a GPU machine)."""
+    device = jax.config.jax_default_device
+    platform = jax.default_backend() if device is None else getattr(device, "platform", device)
+    return platform == "gpu"
+
+
 def default_implementation(*tensors: QuantizedTensor) -> str:
-    """"pallas_triton" on GPU when Pallas can address every tensor and they share one
-    format, else "reference"."""
-    on_gpu = jax.default_backend() == "gpu"
+    """"pallas_triton" on GPU when Pallas can address every tensor, they share one
+    format and their head_dim is a multiple of GPU_HEAD_DIM_MULTIPLE, else "reference"."""
+    on_gpu_now = on_gpu()
     addressable = not any(overflows_int32_offsets(x) for x in tensors)
     one_format = len({x.fmt for x in tensors}) == 1
-    return "pallas_triton" if on_gpu and addressable and one_format else "reference"
+    checked = all(x.shape[-1] % GPU_HEAD_DIM_MULTIPLE == 0 for x in tensors)
+    return "pallas_triton" if on_gpu_now and addressable and one_format and checked else "reference"
 
 
 def check_one_format(k: QuantizedTensor, v: QuantizedTensor, *, arg: str) -> None:
@@ -89,11 +104,17 @@ def check_one_format(k: QuantizedTensor, v: QuantizedTensor, *, arg: str) -> Non
 def interpret_mode(*tensors: QuantizedTensor, arg: str) -> bool:
     """Whether a Pallas call over `tensors` runs in interpret mode: everywhere but on a GPU.
 
-    On a GPU it refuses, naming `arg`, a tensor that `overflows_int32_offsets`.
+    On a GPU it refuses, naming `arg`, a tensor that `overflows_int32_offsets` or whose
+    head_dim is not a multiple of GPU_HEAD_DIM_MULTIPLE.
     """
-    if jax.default_backend() != "gpu":
+    if not on_gpu():
         return True
     for x in tensors:
+        if x.shape[-1] % GPU_HEAD_DIM_MULTIPLE:
+            raise ValueError(
+                f"{arg}: head_dim {x.shape[-1]}; the compiled Pallas kernels take multiples of "
+                f"{GPU_HEAD_DIM_MULTIPLE} on the GPU; use implementation='reference'."
+            )
         if overflows_int32_offsets(x):
             raise ValueError(
                 f"{arg}: a buffer of {x.data.shape} {x.data.dtype} is one that Pallas's Triton "

@@ -83,3 +83,12 @@ def test_ablate_writes_results_and_prints_their_table(capsys, tmp_path):
     assert results["config"]["scored_tokens"] == 46 and results["config"]["corpus"] == "shakespeare"
     assert 1.5 < bf16["perplexity"] < 500 and fp8["kl"] > 0 and fp8["bits_per_element"] == 8
     assert capsys.readouterr().out.strip() == (tmp_path / "results.md").read_text().strip()
+
+
+def test_ablate_on_gpu_needs_a_gpu(capsys):
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present")
+    assert main(["ablate", "--device", "gpu"]) == 2
+    assert "--device: JAX sees no gpu device; valid here: cpu" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def decode_attention(
         out = reference.decode_attention(q, layer.k, layer.v, lengths, **args)
     elif implementation == "pallas_mosaic":
         tiles.check_one_format(layer.k, layer.v, arg="layer")
-        interpret = jax.default_backend() != "gpu"
+        interpret = not tiles.on_gpu()
         out = pallas_mosaic.decode_attention(
             q, layer.k, layer.v, lengths, interpret=interpret, **args, **tuning
         )

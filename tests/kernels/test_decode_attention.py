@@ -163,3 +163,22 @@ def test_gpu_default_is_the_mosaic_kernel_for_packed_fp4_at_head_dim_128():
     bf16, _ = _filled_cache(4, "bf16", 16, 2, 128, [200, 7], 256, None)
     assert _default_implementation(q64, narrow.layers[0]) == "pallas_triton"
     assert _default_implementation(q, bf16.layers[0]) == "pallas_triton"
+
+
+@pytest.mark.gpu
+def test_a_cpu_default_device_on_a_gpu_machine_takes_the_reference():
+    from fp4kv_jax.kernels import tiles
+
+    cache, _ = _filled_cache(4, "nvfp4", 8, 2, 128, [10], 64, None)
+    assert tiles.on_gpu() and tiles.default_implementation(cache.layers[0].k) == "pallas_triton"
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert not tiles.on_gpu()
+        assert tiles.default_implementation(cache.layers[0].k) == "reference"
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_refuse_a_head_dim_they_are_not_checked_at():
+    cache, q = _filled_cache(4, "nvfp4", 4, 2, 16, [10], 64, None)
+    with pytest.raises(ValueError, match="layer: head_dim 16; the compiled Pallas kernels take multiples of 64"):
+        decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_triton")
+    assert decode_attention(q, cache.layers[0], cache.lengths).shape == q.shape  # the default: reference
