@@ -11,6 +11,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from fp4kv_jax.formats import QuantizedTensor, get_codec
 
+MASKED = -1e30  # the score of a masked position: finite, so a fully masked block cannot make inf - inf
+
 
 def compute_dtype(fmt: str) -> jnp.dtype:
     """The dot operands' dtype for a cache format.

@@ -37,7 +37,6 @@ from fp4kv_jax.formats import QuantizedTensor, get_codec
 from fp4kv_jax.kernels import tiles
 from fp4kv_jax.kernels.decode_attention import splits
 
-_MASKED = -1e30  # finite, so a fully masked block cannot make inf - inf
 _MAX_GROUP = 16
 _SCALE_ROW = 16  # block scales are copied as [*, 16]-byte rows (TMA's 16-byte minimum)
 SUPPORTED_FORMATS = ("fp4_e2m1", "nvfp4", "mxfp4")
@@ -112,7 +111,7 @@ def _kernel(
         decoded while its scores are computed, and block i + 1's keys while its
         weighted values are."""
         column = plgpu.Layout.WGMMA.reduce(0)
-        peak = plgpu.layout_cast(jnp.full((head_rows,), _MASKED, jnp.float32), column)
+        peak = plgpu.layout_cast(jnp.full((head_rows,), tiles.MASKED, jnp.float32), column)
         total = plgpu.layout_cast(jnp.zeros((head_rows,), jnp.float32), column)
         out = plgpu.layout_cast(jnp.zeros((head_dim, head_rows), jnp.float32), plgpu.Layout.WGMMA)
         pl.when(first < last)(functools.partial(decode_keys, first, k_tile))
@@ -137,7 +136,7 @@ def _kernel(
             if ring and window is not None:
                 positions = length - 1 - lax.rem(length - 1 - slots, capacity)
                 valid &= positions >= length - window
-            scores = jnp.where(valid, scores, _MASKED)
+            scores = jnp.where(valid, scores, tiles.MASKED)
             new_peak = jnp.maximum(peak, scores.max(axis=0))
             correction = jnp.exp(peak - new_peak)
             weights = jnp.exp(scores - lax.broadcast_in_dim(new_peak, scores.shape, [1]))

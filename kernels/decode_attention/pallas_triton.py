@@ -24,7 +24,6 @@ from fp4kv_jax.formats import QuantizedTensor, get_codec
 from fp4kv_jax.kernels import tiles
 from fp4kv_jax.kernels.decode_attention import splits
 
-_MASKED = -1e30  # finite, so a fully masked block cannot make inf - inf
 _MIN_QUERY_ROWS = 16  # the tensor cores' smallest M
 
 
@@ -70,14 +69,14 @@ def _kernel(
         return tuple(load(ref, jnp.minimum(block, last_block)) for ref in stored_refs)
 
     def body(block, carry):
-        outs, peak, total, tiles = carry
+        outs, peak, total, loaded = carry
         if prefetch:
             # Issue the next block's loads before this block's math, so their latency
             # hides behind it; the tiles wait in registers.
             next_tiles = load_block(block + 1)
         else:
-            tiles = load_block(block)
-        k_data, k_scales, v_data, v_scales = tiles
+            loaded = load_block(block)
+        k_data, k_scales, v_data, v_scales = loaded
         slots = block * block_k + jnp.arange(block_k)
         keys = codec.decode_planes(k_data, k_scales, ptx=ptx)
         scores = sum(
@@ -88,7 +87,7 @@ def _kernel(
         if ring and window is not None:
             positions = length - 1 - (length - 1 - slots) % capacity
             valid &= positions >= length - window
-        scores = jnp.where(valid[None, :], scores, _MASKED)
+        scores = jnp.where(valid[None, :], scores, tiles.MASKED)
         new_peak = jnp.maximum(peak, jnp.max(scores, axis=1))
         correction = jnp.exp(peak - new_peak)
         weights = jnp.where(valid[None, :], jnp.exp(scores - new_peak[:, None]), 0.0)
@@ -106,7 +105,7 @@ def _kernel(
     last = jnp.where(hi > lo, pl.cdiv(hi, block_k), first)
     init = (
         tuple(jnp.zeros((rows, plane_width), jnp.float32) for _ in range(num_planes)),
-        jnp.full((rows,), _MASKED, jnp.float32),
+        jnp.full((rows,), tiles.MASKED, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
         load_block(first) if prefetch else tuple(None for _ in stored_refs),
     )

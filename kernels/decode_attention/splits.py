@@ -9,7 +9,6 @@ from jax.experimental import pallas as pl
 
 from fp4kv_jax.kernels import tiles
 
-_MASKED = -1e30
 PROGRAMS_PER_SM = 4
 DEFAULT_SMS = 132
 
@@ -33,7 +32,7 @@ def merge(out, peak, total, sinks, group):
     best = jnp.max(peak, axis=2)
     if sinks is not None:
         sink = sinks.astype(jnp.float32).reshape(kv_heads, group)
-        sink = jnp.pad(sink, ((0, 0), (0, rows - group)), constant_values=_MASKED)[None]
+        sink = jnp.pad(sink, ((0, 0), (0, rows - group)), constant_values=tiles.MASKED)[None]
         best = jnp.maximum(best, sink)
     weight = jnp.exp(peak - best[:, :, None])
     denominator = jnp.sum(total * weight, axis=2)

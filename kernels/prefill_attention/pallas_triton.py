@@ -27,7 +27,6 @@ from jax.experimental.pallas import triton as plgpu
 from fp4kv_jax.formats import QuantizedTensor, get_codec
 from fp4kv_jax.kernels import tiles
 
-_MASKED = -1e30  # finite, so a fully masked block cannot make inf - inf
 _MIN_ROWS = 16  # the tensor cores' smallest M
 
 
@@ -79,7 +78,7 @@ def _kernel(
         )
         if window is not None:
             visible &= key_positions[None, :] > row_positions[:, None] - window
-        scores = jnp.where(visible, scores, _MASKED)
+        scores = jnp.where(visible, scores, tiles.MASKED)
         new_peak = jnp.maximum(peak, jnp.max(scores, axis=1))
         correction = jnp.exp(peak - new_peak)
         weights = jnp.where(visible, jnp.exp(scores - new_peak[:, None]), 0.0)
@@ -111,7 +110,7 @@ def _kernel(
 
     carry = (
         tuple(jnp.zeros((rows, plane_width), jnp.float32) for _ in range(num_planes)),
-        jnp.full((rows,), _MASKED, jnp.float32),
+        jnp.full((rows,), tiles.MASKED, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
     if ring:
@@ -199,7 +198,7 @@ def prefill_attention(
     qg = qg.reshape(batch, kv_heads, padded_chunk * group_rows, head_dim)
     q_planes = tiles.split_planes(qg, num_planes).astype(compute_dtype)
 
-    sink = jnp.full((kv_heads, group_rows), _MASKED, jnp.float32)
+    sink = jnp.full((kv_heads, group_rows), tiles.MASKED, jnp.float32)
     if sinks is not None:
         sink = sink.at[:, :group].set(sinks.astype(jnp.float32).reshape(kv_heads, group))
     sink = jnp.tile(sink, (1, block_t))  # [Hkv, rows], row r is head r % group_rows
