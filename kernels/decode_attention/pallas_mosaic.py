@@ -240,9 +240,7 @@ def decode_attention(
     chunk, num_split_programs = splits.plan(batch, kv_heads, capacity, block_k, num_splits)
 
     # K's plane factor joins the queries, V's the output; columns go plane-major.
-    qg = q.astype(jnp.float32) * (sm_scale * tiles.plane_factor(k))
-    qg = qg.reshape(batch, kv_heads, group, head_dim)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, head_rows - group), (0, 0)))
+    qg = splits.grouped_queries(q, k, head_rows, sm_scale)
     q_planes = jnp.concatenate([qg[..., 0::2], qg[..., 1::2]], axis=-1).astype(jnp.bfloat16)
 
     block_scale_rows = block_k * head_dim // codec.block_size // _SCALE_ROW

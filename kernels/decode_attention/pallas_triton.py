@@ -155,9 +155,7 @@ def decode_attention(
         prefetch = num_planes > 1
 
     # K's plane factor joins the queries, V's the output.
-    qg = q.astype(jnp.float32) * (sm_scale * tiles.plane_factor(k))
-    qg = qg.reshape(batch, kv_heads, group, head_dim)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    qg = splits.grouped_queries(q, k, rows, sm_scale)
     q_planes = tiles.split_planes(qg, num_planes).astype(compute_dtype)  # [B, Hkv, P, rows, D/P]
 
     has_scales = k.scales is not None

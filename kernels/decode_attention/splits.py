@@ -1,16 +1,31 @@
-"""Flash-decoding's split of each sequence's positions across programs, and the merge
-of the splits' partial softmax states (where the attention sinks join the
-denominator), shared by the decode kernels."""
+"""What the decode kernels share outside their kernels: the query group each program
+takes, flash-decoding's split of each sequence's positions across programs, and the
+merge of the splits' partial softmax states (where the attention sinks join the
+denominator)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from fp4kv_jax.formats import QuantizedTensor
 from fp4kv_jax.kernels import tiles
 
 PROGRAMS_PER_SM = 4
 DEFAULT_SMS = 132
+
+
+def grouped_queries(q: jax.Array, k: QuantizedTensor, rows: int, sm_scale: float) -> jax.Array:
+    """q [B, Hq, D] -> float32 [B, Hkv, rows, D]: each KV head's query heads, padded
+    with zero rows, times the softmax scale and K's plane factor (which the kernels
+    leave out of the decoded keys)."""
+    batch, num_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    grouped = (q.astype(jnp.float32) * (sm_scale * tiles.plane_factor(k))).reshape(
+        batch, kv_heads, num_heads // kv_heads, head_dim
+    )
+    return jnp.pad(grouped, ((0, 0), (0, 0), (0, rows - grouped.shape[2]), (0, 0)))
 
 
 def plan(batch: int, kv_heads: int, capacity: int, block_k: int, num_splits: int | None):
