@@ -57,9 +57,10 @@ def formats_arg(parser, text: str) -> list[str]:
 
 
 def variants_arg(text: str) -> list[dict[str, int]]:
-    """--variants "k=v,k=v;k=v" -> one dict of int tuning values per ';'-separated set."""
+    """--variants "k=v,k=v;k=v" -> one dict of int tuning values per ';'-separated set;
+    an empty set is the implementation's defaults."""
     return [
-        {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+        {k: int(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
         for spec in text.split(";")
     ]
 

@@ -14,7 +14,8 @@ format. Speed is reported as a ratio to cuDNN bf16 from the same run.
     python benchmarks/decode_attention.py --out DIR       # also write results.json there
     python benchmarks/decode_attention.py --variants "block_k=64;block_k=64,rotated=1"
                                                           # rotated=1: Hadamard-rotated keys
-    python benchmarks/decode_attention.py --implementations pallas_mosaic
+    python benchmarks/decode_attention.py --implementations pallas_mosaic_warp --variants "prefetch=0;"
+                                                          # an empty variant: the defaults
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ from fp4kv_jax import get_codec, quantize
 from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.formats import dequantize
 from fp4kv_jax.kernels.decode_attention import IMPLEMENTATIONS, decode_attention
-from fp4kv_jax.kernels.decode_attention import pallas_mosaic
+from fp4kv_jax.kernels.decode_attention import pallas_mosaic, pallas_mosaic_warp
 
 TARGET = dict(batch=32, context=8192, heads=64, kv_heads=8, head_dim=128)
 
 
 def handles(implementation: str, fmt: str) -> bool:
-    return implementation != "pallas_mosaic" or fmt in pallas_mosaic.SUPPORTED_FORMATS
+    for module in (pallas_mosaic, pallas_mosaic_warp):
+        if implementation == module.__name__.rsplit(".", 1)[-1]:
+            return fmt in module.SUPPORTED_FORMATS
+    return True
 
 
 def stored_layer(k, v, fmt, window=None):

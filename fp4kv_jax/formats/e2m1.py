@@ -171,6 +171,27 @@ and.b32 hi, $4, 0xF0F0F0F0;
 ) + "mov.b32 $0, y0;\nmov.b32 $1, y1;\nmov.b32 $2, y2;\nmov.b32 $3, y3;\n}"  # outputs last: they may share inputs' registers
 
 
+# PTX decoding the same 8 columns of two rows a and b into 8 bf16 pairs (row a, row b):
+# $n is column n (n = 0..7) of the word pair $8 (row a) and $9 (row b); $10 the bf16
+# pair (scale of a, scale of b). Pairing rows rather than columns is the operand
+# layout mma.sync wants when positions are its K. The byte permute that pairs the two
+# rows also zeroes the high bytes: a selector nibble of 8 copies the sign of a byte
+# of the masked low word, which is 0. Then the multiply of `PTX_WORD_PLANES`.
+PTX_ROW_PAIR_COLUMNS = (
+    "{\n.reg .b32 la, lb, ha, hb, x, " + ", ".join(f"y{n}" for n in range(8)) + ";\n"
+    "and.b32 la, $8, 0x0F0F0F0F;\nand.b32 lb, $9, 0x0F0F0F0F;\n"
+    "shr.u32 ha, $8, 4;\nand.b32 ha, ha, 0x0F0F0F0F;\nshr.u32 hb, $9, 4;\nand.b32 hb, hb, 0x0F0F0F0F;\n"
+    + "".join(
+        f"prmt.b32 x, {a}, {b}, {0x8080 | byte | (4 + byte) << 8:#06x};\nmul.lo.u32 x, x, 4160;\n"
+        f"and.b32 x, x, 0x81C081C0;\nmul.rn.bf16x2 y{2 * byte + high}, x, $10;\n"
+        for byte in range(4)
+        for high, (a, b) in enumerate([("la", "lb"), ("ha", "hb")])
+    )
+    + "".join(f"mov.b32 ${n}, y{n};\n" for n in range(8))
+    + "}"
+)
+
+
 def exponent_byte_scale(scales: jax.Array, nan_byte: int) -> jax.Array:
     """uint8 exponent bytes (bias 127) -> float32 2**(byte - 127), NaN for nan_byte.
 

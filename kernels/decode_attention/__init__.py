@@ -9,6 +9,8 @@ Implementations:
   "pallas_mosaic"  the same for packed FP4 caches on Hopper (Mosaic GPU lowering: TMA,
                    decode in shared memory, wgmma); on CPU it runs in Mosaic GPU
                    interpret mode.
+  "pallas_mosaic_warp"  the same, one warp a split, decoding into mma.sync's registers
+                   (Mosaic GPU lowering, inline PTX); GPU only.
 On GPU the default is "pallas_mosaic" where it handles the layer and head_dim is 128
 (where it measured faster, docs/benchmarks.md), else "pallas_triton" (for buffers its
 32-bit offsets can address); "reference" elsewhere.
@@ -23,10 +25,10 @@ import jax.numpy as jnp
 
 from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.kernels import tiles
-from fp4kv_jax.kernels.decode_attention import pallas_mosaic, pallas_triton, reference
+from fp4kv_jax.kernels.decode_attention import pallas_mosaic, pallas_mosaic_warp, pallas_triton, reference
 from fp4kv_jax.rotation import hadamard_rotate
 
-IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
+IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic", "pallas_mosaic_warp")
 
 
 def decode_attention(
@@ -71,6 +73,13 @@ def decode_attention(
         if tuning:
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
         out = reference.decode_attention(q, layer.k, layer.v, lengths, **args)
+    elif implementation == "pallas_mosaic_warp":
+        tiles.check_one_format(layer.k, layer.v, arg="layer")
+        if not tiles.on_gpu():
+            raise ValueError(
+                "implementation: 'pallas_mosaic_warp' runs on GPUs only (inline PTX, no interpret mode)."
+            )
+        out = pallas_mosaic_warp.decode_attention(q, layer.k, layer.v, lengths, **args, **tuning)
     elif implementation == "pallas_mosaic":
         tiles.check_one_format(layer.k, layer.v, arg="layer")
         interpret = not tiles.on_gpu()

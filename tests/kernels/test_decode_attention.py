@@ -141,7 +141,7 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize(
     "fmt, implementation",
     [(fmt, "pallas_triton") for fmt in ("bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4")]
-    + [(fmt, "pallas_mosaic") for fmt in ("fp4_e2m1", "nvfp4", "mxfp4")],
+    + [(fmt, impl) for impl in ("pallas_mosaic", "pallas_mosaic_warp") for fmt in ("fp4_e2m1", "nvfp4", "mxfp4")],
 )
 def test_compiled_kernel_matches_reference_on_gpu(fmt, implementation):
     cache, q = _filled_cache(3, fmt, 64, 8, 128, [1, 1000, 333, 4096], 4096, None)
@@ -149,6 +149,46 @@ def test_compiled_kernel_matches_reference_on_gpu(fmt, implementation):
     ref = decode_attention(q, cache.layers[0], cache.lengths, sinks=sinks, implementation="reference")
     out = decode_attention(q, cache.layers[0], cache.lengths, sinks=sinks, implementation=implementation)
     assert relative_error(out, ref) < 1e-2
+
+
+WARP_CASES = MOSAIC_CASES + [
+    # fmt, heads, kv_heads, head_dim, lengths, max_len, window, sinks
+    ("fp4_e2m1", 64, 8, 128, [1000, 33, 1, 4096], 4096, None, True),  # the target's group of 8
+    ("nvfp4", 16, 1, 64, [5, 300], 320, 100, False),  # MQA of 16, head_dim 64, window
+    ("mxfp4", 24, 8, 64, [129, 64], 160, None, False),  # group 3
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt, heads, kv_heads, head_dim, lengths, max_len, window, sinks", WARP_CASES)
+def test_warp_kernel_matches_reference_on_gpu(fmt, heads, kv_heads, head_dim, lengths, max_len, window, sinks):
+    cache, q = _filled_cache(len(lengths) + heads + 7, fmt, heads, kv_heads, head_dim, lengths, max_len, window)
+    sink_logits = jnp.linspace(-2.0, 3.0, heads) if sinks else None
+    layer, lengths = cache.layers[0], cache.lengths
+    ref = decode_attention(q, layer, lengths, sinks=sink_logits, implementation="reference")
+    for tuning in (dict(num_splits=1, prefetch=False), dict(num_splits=3, prefetch=True)):
+        out = decode_attention(q, layer, lengths, sinks=sink_logits, implementation="pallas_mosaic_warp", **tuning)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+        assert relative_error(out, ref) < 1e-2, tuning
+
+
+@pytest.mark.gpu
+def test_warp_kernel_reads_a_ring_buffer_layer():
+    kwargs = dict(fmt="nvfp4", heads=8, kv_heads=2, head_dim=128, lengths=[200, 150], max_len=200, window=64)
+    full, q = _filled_cache(6, **kwargs)
+    ring, _ = _filled_cache(6, **kwargs, trim=True)
+    assert ring.layers[0].ring and ring.layers[0].capacity == 64
+    expected = decode_attention(q, full.layers[0], full.lengths, implementation="reference")
+    kernel = decode_attention(q, ring.layers[0], ring.lengths, implementation="pallas_mosaic_warp")
+    assert relative_error(kernel, expected) < 1e-2
+
+
+def test_warp_kernel_refuses_to_run_without_a_gpu():
+    cache, q = _filled_cache(2, "nvfp4", 4, 2, 64, [3], 64)
+    with jax.default_device(jax.devices("cpu")[0]):
+        with pytest.raises(ValueError, match="'pallas_mosaic_warp' runs on GPUs only"):
+            decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic_warp")
 
 
 @pytest.mark.gpu
