@@ -75,6 +75,12 @@ class Codec(abc.ABC):
     # block scale times 2**-plane_exponent, as in decode_planes. Used by the Mosaic
     # GPU kernels, which decode tiles in shared memory themselves.
     plane_scale_ptx: ClassVar[str | None] = None
+    # The same for two bytes at once: $0 = (scale of byte 0 of $1, scale of byte 0 of
+    # $2) as one bf16x2 pair; bits 24-31 of $1 and $2 must be zero (a zero-extended
+    # byte or half). Exact like plane_scale_ptx, except where a cheaper mapping gives
+    # the same products with E2M1 codes: it may map the non-finite byte to inf (its
+    # codes are 0, and 0 * inf is NaN) and need not flush byte 0 to zero.
+    plane_scale_pair_ptx: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def encode(

@@ -141,6 +141,19 @@ def ptx_exponent_scale(nan_byte: int) -> str:
     )
 
 
+def ptx_exponent_scale_pair() -> str:
+    """`Codec.plane_scale_pair_ptx` for uint8 exponent scales (bias 127): the bf16
+    exponent field byte + 63 for both bytes at once, saturated at 255 (inf), so bytes
+    of 192 or more and the non-finite byte 255 give inf."""
+    bias = 127 + PLANE_EXPONENT - 127
+    return (
+        "{\n.reg .b32 x, top;\n"
+        "prmt.b32 x, $1, $2, 0x7430;\n"  # the two bytes as 16-bit lanes
+        f"add.u32 x, x, {(-bias) * 0x10001};\nmov.b32 top, 0x00FF00FF;\nmin.u16x2 x, x, top;\n"
+        "shl.b32 $0, x, 7;\n}"
+    )
+
+
 # `Codec.plane_scale_ptx` for e4m3 block scales: hardware e4m3 -> f16, then times
 # 2**-PLANE_EXPONENT in float32 and rounded to bf16 (exact: 3 mantissa bits).
 PTX_E4M3_SCALE = (
@@ -148,6 +161,14 @@ PTX_E4M3_SCALE = (
     "cvt.u16.u32 sb, $1;\ncvt.rn.f16x2.e4m3x2 pair, sb;\nmov.b32 {lo, hi}, pair;\n"
     f"cvt.f32.f16 f, lo;\nmul.f32 f, f, 0f{(127 - PLANE_EXPONENT) << 23:08X};\n"
     "cvt.rn.bf16.f32 b, f;\nmov.b32 $0, {b, b};\n}"
+)
+# `Codec.plane_scale_pair_ptx` for e4m3 block scales: the same, two at a time.
+PTX_E4M3_SCALE_PAIR = (
+    "{\n.reg .b32 x, pair;\n.reg .b16 sb, lo, hi;\n.reg .f32 f0, f1;\n"
+    "prmt.b32 x, $1, $2, 0x3340;\ncvt.u16.u32 sb, x;\ncvt.rn.f16x2.e4m3x2 pair, sb;\nmov.b32 {lo, hi}, pair;\n"
+    "cvt.f32.f16 f0, lo;\ncvt.f32.f16 f1, hi;\n"
+    f"mul.f32 f0, f0, 0f{(127 - PLANE_EXPONENT) << 23:08X};\nmul.f32 f1, f1, 0f{(127 - PLANE_EXPONENT) << 23:08X};\n"
+    "cvt.rn.bf16x2.f32 $0, f1, f0;\n}"
 )
 
 

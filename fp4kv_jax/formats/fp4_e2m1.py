@@ -31,6 +31,7 @@ class SglangFp4Codec(Codec):
     elements_per_datum = 2
     plane_exponent = e2m1.PLANE_EXPONENT
     plane_scale_ptx = e2m1.ptx_exponent_scale(NONFINITE_SCALE)
+    plane_scale_pair_ptx = e2m1.ptx_exponent_scale_pair()
     block_size = 16
     scale_dtype = jnp.uint8
 

@@ -25,6 +25,7 @@ class Mxfp4Codec(Codec):
     elements_per_datum = 2
     plane_exponent = e2m1.PLANE_EXPONENT
     plane_scale_ptx = e2m1.ptx_exponent_scale(E8M0_NAN)
+    plane_scale_pair_ptx = e2m1.ptx_exponent_scale_pair()
     block_size = 32
     scale_dtype = jnp.uint8
 

@@ -25,6 +25,7 @@ class Nvfp4Codec(Codec):
     elements_per_datum = 2
     plane_exponent = e2m1.PLANE_EXPONENT
     plane_scale_ptx = e2m1.PTX_E4M3_SCALE
+    plane_scale_pair_ptx = e2m1.PTX_E4M3_SCALE_PAIR
     block_size = 16
     scale_dtype = jnp.float8_e4m3fn
     has_global_scale = True

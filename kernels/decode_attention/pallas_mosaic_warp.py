@@ -3,23 +3,32 @@ straight into mma.sync's operand registers (Mosaic GPU lowering, Hopper).
 
 Grid (split, kv_head, batch) of one warpgroup; each of its 4 warps takes every 4th
 block of 32 positions of the split and keeps its own softmax state, so the loop has no
-shared memory, no barrier and no cross-warp reduction. Per block of 32 positions a
-warp
+shared memory, no barrier and no cross-warp reduction. Per block a warp
 
   1. loads its lanes' packed bytes and block scales from global memory (the next
-     block's while it works on this one, with `prefetch`),
+     block's while it works on this one: `prefetch`),
   2. decodes the keys into the A registers of S^T [positions, heads] = K q^T,
-     mma.sync m16n8k16 with the GQA group's 8 query heads as N (16 in two tiles),
-  3. takes the online softmax in base 2 (the queries carry log2 e), each head's row
-     lying in one quad of lanes,
+     mma.sync m16n8k16 with the GQA group's query heads as N (8, or 16 in two tiles),
+  3. takes the online softmax in base 2 (the queries carry log2 e); a head's scores
+     lie in the 8 lanes of one t,
   4. moves the bf16 weights into mma's B layout (`movmatrix`, a transpose in
-     registers), decodes the values in position pairs into A registers of
+     registers) and decodes the values in position pairs into the A registers of
      O^T [D, heads] += V^T P^T.
+At the end the 4 warps merge their states in shared memory; the splits' states are
+merged in XLA with the sinks (`splits.merge`).
 
-`warp_fragments` says which lane holds what. The warps' partial states leave as 4
-splits a program and are merged in XLA with the sinks (`splits.merge`). The body is
-inline PTX throughout, so it has no interpret mode: on CPU the fragment plan is
-checked by emulation and the kernel itself on the GPU (tests/kernels).
+Which lane holds what, for lane (g, t) = (lane // 4, lane % 4):
+  keys    D/8 packed bytes at byte (D/8) t of positions g, g + 8 (+ 16); its word j
+          decodes into two planes (`e2m1.PTX_WORD_PLANES`) and k-step s = 2 j + p takes
+          plane p, so column k of k-step s holds channel `key_channel(D, s, k)`; the
+          queries are paired in that order (any order serves if both follow it).
+  values  D/16 packed bytes at byte (D/16) g of positions 2t, 2t + 1, 2t + 8, 2t + 9
+          (+ 16), decoded in row pairs (`e2m1.PTX_ROW_PAIR_COLUMNS`): channels
+          (D/8) g + 2 c + r fill row g + 8 r of channel tile c, and those are also the
+          output channels the lane holds, so the output needs no permutation.
+
+The body is inline PTX throughout, so it has no interpret mode: it runs on GPUs only
+and is tested there (tests/kernels); `key_channel` is checked on CPU.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fp4kv_jax.formats import QuantizedTensor, e2m1, get_codec
 from fp4kv_jax.kernels import tiles
-from fp4kv_jax.kernels.decode_attention import splits, warp_fragments
+from fp4kv_jax.kernels.decode_attention import splits
 
 BLOCK = 32  # positions a warp takes at a time: two mma tiles of 16
 WARPS = 4
@@ -77,6 +86,13 @@ def check_supported(k: QuantizedTensor, group: int) -> None:
         )
 
 
+def key_channel(head_dim: int, step: int, k):
+    """The channel in column k (0..15) of the keys' mma k-step `step` (and of the
+    queries' row k): lane t = (k % 8) // 2 holds it, from its word step // 2."""
+    t, pair_lane, upper = (k % 8) // 2, k % 2, k // 8
+    return (head_dim // 4) * t + 8 * (step // 2) + 4 * upper + 2 * pair_lane + step % 2
+
+
 class _Emitter:
     """MLIR and inline-PTX building blocks for one thread's view of the kernel."""
 
@@ -101,21 +117,20 @@ class _Emitter:
     def at(self, base_i64, byte_offset_i32):
         return arith.addi(base_i64, self.wide(byte_offset_i32))
 
-    def load(self, address, nbytes):
-        """Read-only global load of 1, 2, 4, 8 or 16 bytes -> i32 words (a byte or a
-        half zero-extended)."""
+    def load(self, address, nbytes, offset=0):
+        """Read-only global load of 1, 2, 4, 8 or 16 bytes at address + offset (a
+        constant) -> i32 words (a byte or a half zero-extended)."""
+        at = f"[${{n}}+{offset}]"
         if nbytes < 4:
-            ptx = f"ld.global.nc.u{8 * nbytes} $0, [$1];"
+            ptx = f"ld.global.nc.u{8 * nbytes} $0, {at.format(n=1)};"
             return [mgpu_utils.inline_ptx(ptx, address, result_types=self.i32)]
         words = nbytes // 4
         if words == 1:
-            return [mgpu_utils.inline_ptx("ld.global.nc.b32 $0, [$1];", address, result_types=self.i32)]
+            ptx = f"ld.global.nc.b32 $0, {at.format(n=1)};"
+            return [mgpu_utils.inline_ptx(ptx, address, result_types=self.i32)]
         outs = ", ".join(f"${i}" for i in range(words))
-        return list(
-            mgpu_utils.inline_ptx(
-                f"ld.global.nc.v{words}.b32 {{{outs}}}, [${words}];", address, result_types=[self.i32] * words
-            )
-        )
+        ptx = f"ld.global.nc.v{words}.b32 {{{outs}}}, {at.format(n=words)};"
+        return list(mgpu_utils.inline_ptx(ptx, address, result_types=[self.i32] * words))
 
     def store(self, address, values, predicate=None):
         """Global store of 1 or 4 float32 values."""
@@ -123,6 +138,38 @@ class _Emitter:
             mgpu_utils.inline_ptx("st.global.f32 [$0], $1;", address, values[0], predicate=predicate)
             return
         mgpu_utils.inline_ptx("st.global.v4.f32 [$0], {$1, $2, $3, $4};", address, *values, has_side_effects=True)
+
+    def shared_address(self, ref):
+        return llvm.ptrtoint(self.i32, mgpu_utils.memref_ptr(ref))
+
+    def store_shared(self, address, values, predicate=None):
+        """Shared-memory store of 1 or 4 float32 values."""
+        if len(values) == 1:
+            mgpu_utils.inline_ptx("st.shared.f32 [$0], $1;", address, values[0], predicate=predicate)
+            return
+        mgpu_utils.inline_ptx("st.shared.v4.f32 [$0], {$1, $2, $3, $4};", address, *values, has_side_effects=True)
+
+    def load_shared(self, base, count, index):
+        """float32 at shared address base + 4 index (one; count must be 1). Ordered
+        after the barrier that makes the stores visible, like every shared access here."""
+        assert count == 1
+        address = arith.addi(base, arith.muli(index, self.int(4)))
+        return mgpu_utils.inline_ptx("ld.shared.f32 $0, [$1];", address, result_types=self.f32, has_side_effects=True)
+
+    def load_shared_vector(self, address):
+        return list(
+            mgpu_utils.inline_ptx(
+                "ld.shared.v4.f32 {$0, $1, $2, $3}, [$4];", address, result_types=[self.f32] * 4, has_side_effects=True
+            )
+        )
+
+    def scaled_bf16_pair(self, pair, factor):
+        """A bf16 pair times a float32 factor, rounded back to a bf16 pair."""
+        ptx = (
+            "{\n.reg .b32 lo, hi;\n.reg .f32 a, b;\nshl.b32 lo, $1, 16;\nand.b32 hi, $1, 0xFFFF0000;\n"
+            "mov.b32 a, lo;\nmov.b32 b, hi;\nmul.f32 a, a, $2;\nmul.f32 b, b, $2;\ncvt.rn.bf16x2.f32 $0, b, a;\n}"
+        )
+        return mgpu_utils.inline_ptx(ptx, pair, factor, result_types=self.i32)
 
     def mma(self, a, b, c):
         return list(mgpu_utils.inline_ptx(_MMA, *a, *b, *c, result_types=[self.f32] * 4, convergent=True))
@@ -138,9 +185,8 @@ class _Emitter:
     def bf16_pair(self, low, high):
         return mgpu_utils.inline_ptx("cvt.rn.bf16x2.f32 $0, $1, $2;", high, low, result_types=self.i32)
 
-    def halves(self, low, high):
-        """(low half of `low`, low half of `high`) as one 32-bit pair."""
-        return mgpu_utils.inline_ptx("prmt.b32 $0, $1, $2, 0x5410;", low, high, result_types=self.i32)
+    def permute(self, a, b, selector):
+        return mgpu_utils.inline_ptx(f"prmt.b32 $0, $1, $2, {selector:#06x};", a, b, result_types=self.i32)
 
     def max(self, values):
         out = values[0]
@@ -155,8 +201,8 @@ class _Emitter:
         return out
 
 
-def _emit(refs, *, codec, head_dim, head_tiles, chunk, capacity, window, ring, prefetch, kv_heads, num_splits):
-    lengths, q_frags, k_data, k_scales, v_data, v_scales, out, peaks, totals = refs
+def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, ring, prefetch, kv_heads, num_splits):
+    lengths, q_ref, q_scale_ref, k_data, k_scales, v_data, v_scales, out, peaks, totals, o_smem, ml_smem = refs
     e = _Emitter()
     i32, c = e.i32, e.int
     D = head_dim
@@ -181,63 +227,59 @@ def _emit(refs, *, codec, head_dim, head_tiles, chunk, capacity, window, ring, p
     mine = arith.maxsi(arith.subi(arith.subi(last, first), warp), c(0))
     iterations = arith.divui(arith.addi(mine, c(WARPS - 1)), c(WARPS))
 
-    per_row = lambda ref, width: e.address(ref, arith.muli(row, arith.constant(e.i64, capacity * width)))
-    k_base, v_base = per_row(k_data, row_bytes), per_row(v_data, row_bytes)
-    ks_base, vs_base = per_row(k_scales, scales_per_row), per_row(v_scales, scales_per_row)
-
-    # Keys: lane (g, t) reads D/8 bytes at byte (D/8) t of its rows, covering
-    # `key_blocks` block scales; values: D/16 bytes at (D/16) g, one block scale.
+    # Keys: lane (g, t) reads D/8 bytes at byte (D/8) t of positions g (+ 8, 16, 24),
+    # covering `key_blocks` block scales; values: D/16 bytes at byte (D/16) g of
+    # positions 2t (+ 1, 8, 9, 16, ...), one block scale. Each lane's four base
+    # addresses move by one block a step; its rows are immediate offsets from them.
     key_blocks = max(1, D // 4 // codec.block_size)
     key_scale_at = arith.divui(arith.muli(t, c(D // 4)), c(codec.block_size))
     value_scale_at = arith.divui(arith.muli(g, c(D // 8)), c(codec.block_size))
-    key_byte_at, value_byte_at = arith.muli(t, c(D // 8)), arith.muli(g, c(D // 16))
 
-    def key_rows(position0):
-        """[mt][rr]: the positions of lane rows g + 8 rr of key tile mt."""
-        return [[arith.addi(position0, arith.addi(g, c(16 * mt + 8 * rr))) for rr in range(2)] for mt in range(2)]
+    def lane_base(ref, width, first_row, byte_at):
+        of_row = arith.muli(row, arith.constant(e.i64, capacity * width))
+        return e.at(e.address(ref, of_row), arith.addi(arith.muli(first_row, c(width)), byte_at))
 
-    def value_rows(position0):
-        """[kk][pp][q]: positions 2t + q + 8 pp of value k-step kk."""
-        base = arith.addi(position0, arith.muli(t, c(2)))
-        return [[[arith.addi(base, c(16 * kk + 8 * pp + q)) for q in range(2)] for pp in range(2)] for kk in range(2)]
+    two_t = arith.muli(t, c(2))
+    k_lane = lane_base(k_data, row_bytes, g, arith.muli(t, c(D // 8)))
+    ks_lane = lane_base(k_scales, scales_per_row, g, key_scale_at)
+    v_lane = lane_base(v_data, row_bytes, two_t, arith.muli(g, c(D // 16)))
+    vs_lane = lane_base(v_scales, scales_per_row, two_t, value_scale_at)
+    KEY_ROWS = [[16 * mt + 8 * rr for rr in range(2)] for mt in range(2)]  # [mt][rr], after g
+    VALUE_ROWS = [[[16 * kk + 8 * pp + q for q in range(2)] for pp in range(2)] for kk in range(2)]  # after 2t
 
-    def load_block(block):
+    def block_addresses(block):
         position0 = arith.muli(block, c(BLOCK))
-        keys = [
-            [
-                (
-                    e.load(e.at(k_base, arith.addi(arith.muli(p, c(row_bytes)), key_byte_at)), D // 8),
-                    e.load(e.at(ks_base, arith.addi(arith.muli(p, c(scales_per_row)), key_scale_at)), key_blocks),
-                )
-                for p in rows
-            ]
-            for rows in key_rows(position0)
+        at = lambda lane_addr, width: e.at(lane_addr, arith.muli(position0, c(width)))
+        return at(k_lane, row_bytes), at(ks_lane, scales_per_row), at(v_lane, row_bytes), at(vs_lane, scales_per_row)
+
+    def load_keys(block):
+        k_at, ks_at, _, _ = block_addresses(block)
+        return [
+            [(e.load(k_at, D // 8, r * row_bytes), e.load(ks_at, key_blocks, r * scales_per_row)) for r in rows]
+            for rows in KEY_ROWS
         ]
-        values = [
+
+    def load_values(block):
+        _, _, v_at, vs_at = block_addresses(block)
+        return [
             [
-                [
-                    (
-                        e.load(e.at(v_base, arith.addi(arith.muli(p, c(row_bytes)), value_byte_at)), D // 16),
-                        e.load(e.at(vs_base, arith.addi(arith.muli(p, c(scales_per_row)), value_scale_at)), 1),
-                    )
-                    for p in pair
-                ]
+                [(e.load(v_at, D // 16, r * row_bytes), e.load(vs_at, 1, r * scales_per_row)) for r in pair]
                 for pair in pairs
             ]
-            for pairs in value_rows(position0)
+            for pairs in VALUE_ROWS
         ]
-        return keys, values
 
-    def scale(byte):
-        return mgpu_utils.inline_ptx(codec.plane_scale_ptx, byte, result_types=i32)
+    def scale_pair(first, second):
+        return mgpu_utils.inline_ptx(codec.plane_scale_pair_ptx, first, second, result_types=i32)
 
     def key_scales(raw):
-        """The bf16 scale pair for each word of a key row."""
+        """The bf16 scale pair (one scale twice) for each word of a key row."""
         [bytes_] = raw
         if key_blocks == 1:
-            pairs = [scale(bytes_)]
+            pairs = [scale_pair(bytes_, bytes_)]
         else:
-            pairs = [scale(arith.andi(bytes_, c(0xFF))), scale(arith.shrui(bytes_, c(8)))]
+            both = scale_pair(bytes_, arith.shrui(bytes_, c(8)))
+            pairs = [e.permute(both, both, selector) for selector in (0x1010, 0x3232)]
         words = D // 32
         return [pairs[j * len(pairs) // words] for j in range(words)]
 
@@ -249,18 +291,31 @@ def _emit(refs, *, codec, head_dim, head_tiles, chunk, capacity, window, ring, p
             ok = arith.andi(ok, arith.cmpi(arith.CmpIPredicate.sge, position, arith.subi(length, c(window))))
         return ok
 
-    # Queries: [head tile][k-step] -> (b0b1, b2b3), loaded once.
-    q_words = D // 8
-    q_at = lambda nt: e.at(
-        e.address(q_frags, arith.muli(row, arith.constant(e.i64, head_tiles * 32 * q_words * 4))),
-        arith.muli(arith.addi(lane, c(32 * nt)), c(q_words * 4)),
-    )
-    queries = []
+    # Queries: lane (g, t) reads channels [(D/4) t, (D/4) (t + 1)) of head 8 nt + g of
+    # its group (zero past the group), scales them, and pairs them into mma's B
+    # registers for k-step s = 2 j + p: channels (b + p, b + 2 + p) and (b + 4 + p,
+    # b + 6 + p) of b = (D/4) t + 8 j, the order `key_channel` gives the keys.
+    [q_scale] = e.load(e.address(q_scale_ref), 4)
+    q_scale = arith.bitcast(e.f32, q_scale)
+    queries = []  # [head tile][k-step] -> (b0b1, b2b3)
     for nt in range(head_tiles):
-        words = []
-        for part in range(q_words // 4):
-            words += e.load(arith.addi(q_at(nt), arith.constant(e.i64, 16 * part)), 16)
-        queries.append([(words[2 * s], words[2 * s + 1]) for s in range(D // 16)])
+        in_group = arith.addi(g, c(8 * nt))
+        present = arith.cmpi(arith.CmpIPredicate.slt, in_group, c(group))
+        q_row = arith.addi(
+            arith.muli(batch, c(kv_heads * group)),
+            arith.addi(arith.muli(head, c(group)), arith.minsi(in_group, c(group - 1))),
+        )
+        q_lane = e.at(e.address(q_ref), arith.addi(arith.muli(q_row, c(2 * D)), arith.muli(t, c(D // 2))))
+        words = [w for part in range(D // 32) for w in e.load(q_lane, 16, 16 * part)]
+        words = [arith.select(present, e.scaled_bf16_pair(w, q_scale), c(0)) for w in words]
+        selectors = (0x5410, 0x7632)  # the low or the high bf16 of two words
+        queries.append(
+            [
+                (e.permute(words[4 * j], words[4 * j + 1], selectors[p]),
+                 e.permute(words[4 * j + 2], words[4 * j + 3], selectors[p]))
+                for j, p in (divmod(s, 2) for s in range(D // 16))
+            ]
+        )
 
     masked, zero = e.float(tiles.MASKED), e.float(0.0)
 
@@ -287,8 +342,8 @@ def _emit(refs, *, codec, head_dim, head_tiles, chunk, capacity, window, ring, p
             ]
             for mt in range(2)
         ]
-        positions = key_rows(position0)
-        ok = [[valid(p) for p in rows] for rows in positions]
+        first_row = arith.addi(position0, g)
+        ok = [[valid(arith.addi(first_row, c(r))) for r in rows] for rows in KEY_ROWS]
 
         # Values -> A registers [c][kk], decoded in position pairs.
         value_operands = [[None] * 2 for _ in range(D // 16)]
@@ -296,7 +351,7 @@ def _emit(refs, *, codec, head_dim, head_tiles, chunk, capacity, window, ring, p
             columns = []  # [pp][u][n]
             for pp in range(2):
                 (words_a, byte_a), (words_b, byte_b) = values[kk][pp]
-                pair = e.halves(scale(byte_a[0]), scale(byte_b[0]))
+                pair = scale_pair(byte_a[0], byte_b[0])
                 columns.append(
                     [
                         mgpu_utils.inline_ptx(e2m1.PTX_ROW_PAIR_COLUMNS, wa, wb, pair, result_types=[i32] * 8)
@@ -360,60 +415,66 @@ def _emit(refs, *, codec, head_dim, head_tiles, chunk, capacity, window, ring, p
     )
     block_of = lambda i: arith.addi(first, arith.addi(warp, arith.muli(i, c(WARPS))))
     last_block = c(capacity // BLOCK - 1)
+    loaders = (load_keys, load_values)
+    ahead = loaders[:prefetch]  # loaded one block early, while the block before is worked on
     steps = arith.index_cast(ir.IndexType.get(), iterations)
-    if prefetch:
-        @mgpu_utils.fori(steps, (load_block(arith.minsi(block_of(c(0)), last_block)), state))
-        def loop(i, carry):
-            raw, state = carry
-            block = block_of(arith.index_cast(i32, i))
-            upcoming = load_block(arith.minsi(arith.addi(block, c(WARPS)), last_block))
-            return upcoming, attend(block, raw, state)
 
-        _, state = loop.results
-    else:
-        @mgpu_utils.fori(steps, state)
-        def loop(i, state):
-            block = block_of(arith.index_cast(i32, i))
-            return attend(block, load_block(block), state)
+    @mgpu_utils.fori(steps, ([f(arith.minsi(block_of(c(0)), last_block)) for f in ahead], state))
+    def loop(i, carry):
+        early, state = carry
+        block = block_of(arith.index_cast(i32, i))
+        upcoming = [f(arith.minsi(arith.addi(block, c(WARPS)), last_block)) for f in ahead]
+        keys, values = [*early, *(f(block) for f in loaders[prefetch:])]
+        return upcoming, attend(block, (keys, values), state)
 
-        state = loop.results
+    _, state = loop.results
     outs, peaks_, totals_ = state
 
-    # Each head's total is spread over the 8 lane groups; its peak is already common.
-    rows_per_program = 8 * head_tiles
-    out_split = arith.addi(arith.muli(split, c(WARPS)), warp)
-    state_row = arith.addi(arith.muli(row, arith.constant(e.i64, num_splits * WARPS)), e.wide(out_split))
+    # The warps' states meet in shared memory, so each program leaves one: a head's
+    # total is first summed over the 8 lane groups (its peak is already common).
+    rows = 8 * head_tiles
+    o_at, ml_at = e.shared_address(o_smem), e.shared_address(ml_smem)
     first_of_group = arith.cmpi(arith.CmpIPredicate.eq, g, c(0))
     for nt in range(head_tiles):
         for h in range(2):
             total = totals_[nt][h]
             for distance in (4, 8, 16):
                 total = arith.addf(total, mgpu_utils.shfl_bfly(total, distance))
-            head_row = arith.addi(c(8 * nt + h), arith.muli(t, c(2)))
-            index = arith.addi(arith.muli(state_row, arith.constant(e.i64, rows_per_program)), e.wide(head_row))
-            index_bytes = arith.muli(index, arith.constant(e.i64, 4))
-            e.store(e.address(peaks, index_bytes), [arith.mulf(peaks_[nt][h], e.float(math.log(2.0)))], first_of_group)
-            e.store(e.address(totals, index_bytes), [total], first_of_group)
+            state_index = arith.addi(arith.muli(warp, c(rows)), arith.addi(c(8 * nt + h), arith.muli(t, c(2))))
+            peak_at = arith.addi(ml_at, arith.muli(state_index, c(4)))
+            e.store_shared(peak_at, [peaks_[nt][h]], first_of_group)
+            e.store_shared(arith.addi(peak_at, c(4 * WARPS * rows)), [total], first_of_group)
             # Channels (D/8) g + 2 tile + r, contiguous: O^T rows g + 8 r of each tile.
             values = [outs[nt][j // 2][2 * (j % 2) + h] for j in range(D // 8)]
-            channel0 = e.wide(arith.muli(g, c(D // 8)))
-            out_at = arith.muli(
-                arith.addi(arith.muli(index, arith.constant(e.i64, D)), channel0), arith.constant(e.i64, 4)
-            )
+            row_at = arith.addi(o_at, arith.muli(arith.addi(arith.muli(state_index, c(D)), arith.muli(g, c(D // 8))), c(4)))
             for part in range(D // 32):
-                e.store(
-                    e.address(out, arith.addi(out_at, arith.constant(e.i64, 16 * part))), values[4 * part : 4 * part + 4]
-                )
+                e.store_shared(arith.addi(row_at, c(16 * part)), values[4 * part : 4 * part + 4])
+    mgpu_utils.warpgroup_barrier()
 
-
-def query_fragments(q: jax.Array, k: QuantizedTensor, head_tiles: int, sm_scale: float) -> jax.Array:
-    """q [B, Hq, D] -> bf16 [B, Hkv, head_tiles, 32, D/16, 4]: each lane's mma B registers
-    for every k-step of the keys, times the softmax scale, K's plane factor and log2 e."""
-    head_dim = q.shape[-1]
-    grouped = splits.grouped_queries(q, k, 8 * head_tiles, sm_scale) * np.float32(math.log2(math.e))
-    head, channel = warp_fragments.query_fragment_index(head_dim)
-    tiles_ = [grouped[:, :, 8 * nt + head, channel] for nt in range(head_tiles)]
-    return jnp.stack(tiles_, axis=2).astype(jnp.bfloat16)
+    # Thread i merges elements [i E, (i + 1) E) of the program's [rows, D] output.
+    per_thread = rows * D // (32 * WARPS)
+    element0 = arith.muli(arith.andi(thread, c(32 * WARPS - 1)), c(per_thread))
+    r, column0 = arith.divui(element0, c(D)), arith.remui(element0, c(D))
+    warp_peaks = [e.load_shared(arith.addi(ml_at, c(4 * (w * rows))), 1, r) for w in range(WARPS)]
+    best = e.max(warp_peaks)
+    weights = [e.exp2(arith.subf(m, best)) for m in warp_peaks]
+    total = e.sum(
+        [arith.mulf(wt, e.load_shared(arith.addi(ml_at, c(4 * (WARPS + w) * rows)), 1, r)) for w, wt in enumerate(weights)]
+    )
+    merged = [e.float(0.0)] * per_thread
+    for w, wt in enumerate(weights):
+        at = arith.addi(o_at, arith.muli(arith.addi(arith.muli(arith.addi(c(w * rows), r), c(D)), column0), c(4)))
+        parts = [x for part in range(per_thread // 4) for x in e.load_shared_vector(arith.addi(at, c(16 * part)))]
+        merged = [arith.addf(acc, arith.mulf(wt, x)) for acc, x in zip(merged, parts)]
+    state_row = arith.addi(arith.muli(row, arith.constant(e.i64, num_splits)), e.wide(split))
+    index = arith.addi(arith.muli(state_row, arith.constant(e.i64, rows)), e.wide(r))
+    out_at = arith.muli(arith.addi(arith.muli(index, arith.constant(e.i64, D)), e.wide(column0)), arith.constant(e.i64, 4))
+    for part in range(per_thread // 4):
+        e.store(e.address(out, arith.addi(out_at, arith.constant(e.i64, 16 * part))), merged[4 * part : 4 * part + 4])
+    row_leader = arith.cmpi(arith.CmpIPredicate.eq, column0, c(0))
+    index_bytes = arith.muli(index, arith.constant(e.i64, 4))
+    e.store(e.address(peaks, index_bytes), [arith.mulf(best, e.float(math.log(2.0)))], row_leader)
+    e.store(e.address(totals, index_bytes), [total], row_leader)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "window", "ring", "num_splits", "prefetch"))
@@ -428,41 +489,50 @@ def decode_attention(
     ring: bool,
     sinks: jax.Array | None,
     num_splits: int | None = None,
-    prefetch: bool = True,
+    prefetch: int = 2,
 ) -> jax.Array:
-    """q [B, Hq, D]; k, v packed FP4 [B, Hkv, S, D]; lengths int32 [B] -> [B, Hq, D] in q's dtype."""
+    """q [B, Hq, D]; k, v packed FP4 [B, Hkv, S, D]; lengths int32 [B] -> [B, Hq, D] in q's dtype.
+
+    prefetch: 0, 1 or 2: none, the keys, or the keys and values of a warp's next block
+    are loaded while it works on the current one (more registers, fewer stalls).
+    """
     codec = get_codec(k.fmt)
     batch, num_heads, head_dim = q.shape
     kv_heads, capacity = k.shape[1], k.shape[2]
     group = num_heads // kv_heads
     check_supported(k, group)
+    if prefetch not in (0, 1, 2):
+        raise ValueError(f"prefetch: 0, 1 or 2, got {prefetch!r}.")
     head_tiles = 1 if group <= 8 else 2
     rows = 8 * head_tiles
     chunk, num_split_programs = splits.plan(batch, kv_heads, capacity, BLOCK * WARPS, num_splits)
-    splits_out = num_split_programs * WARPS
 
     def kernel(*refs):
         emit = plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))(
             lambda ctx, *refs: _emit(
-                refs, codec=codec, head_dim=head_dim, head_tiles=head_tiles, chunk=chunk, capacity=capacity,
-                window=window, ring=ring, prefetch=prefetch, kv_heads=kv_heads, num_splits=num_split_programs,
+                refs, codec=codec, head_dim=head_dim, group=group, head_tiles=head_tiles, chunk=chunk,
+                capacity=capacity, window=window, ring=ring, prefetch=prefetch, kv_heads=kv_heads,
+                num_splits=num_split_programs,
             )
         )
         emit(*refs)
 
+    # The queries carry the softmax scale, K's plane factor and log2 e (base-2 softmax).
+    q_scale = (np.float32(sm_scale * math.log2(math.e)) * tiles.plane_factor(k)).reshape(1)
     as_bytes = lambda s: s if s.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(s, jnp.uint8)
+    state = lambda *shape: jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, *shape), jnp.float32)
     out, peak, total = plgpu.kernel(
         kernel,
-        out_type=(
-            jax.ShapeDtypeStruct((batch, kv_heads, splits_out, rows, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, splits_out, rows), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, splits_out, rows), jnp.float32),
+        out_type=(state(rows, head_dim), state(rows), state(rows)),
+        scratch_types=(
+            plgpu.SMEM((WARPS, rows, head_dim), jnp.float32),  # the warps' outputs
+            plgpu.SMEM((2, WARPS, rows), jnp.float32),  # and their peaks and totals
         ),
         grid=(num_split_programs, kv_heads, batch),
         grid_names=("split", "kv_head", "batch"),
         compiler_params=COMPILER_PARAMS,
     )(
-        lengths.astype(jnp.int32), query_fragments(q, k, head_tiles, sm_scale),
+        lengths.astype(jnp.int32), q.astype(jnp.bfloat16), q_scale.astype(jnp.float32),
         k.data, as_bytes(k.scales), v.data, as_bytes(v.scales),
     )
     merged = splits.merge(out[:, :, :, None], peak, total, sinks, group)
