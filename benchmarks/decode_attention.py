@@ -4,8 +4,8 @@ In one run it measures:
   copy   the device-to-device copy bandwidth (bytes read plus written), the ceiling;
   cudnn  jax.nn.dot_product_attention(implementation="cudnn") over a bf16 cache;
   unfused  jnp dequantize of the whole cache, then cuDNN (SGLang's approach);
-  ours   the fused Pallas kernels (pallas_triton; pallas_mosaic for packed FP4), for
-         each format and tuning variant;
+  ours   the fused Pallas kernels (pallas_triton; pallas_mosaic and pallas_mosaic_warp
+         for packed FP4), for each format and tuning variant;
 and first checks the kernel against the float32 reference on a small shape for every
 format. Speed is reported as a ratio to cuDNN bf16 from the same run.
 
@@ -154,9 +154,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="sweep batch, context and heads")
     parser.add_argument("--formats", default="bf16,fp8_e4m3,fp4_e2m1,nvfp4,mxfp4")
-    parser.add_argument("--implementations", default="pallas_triton,pallas_mosaic",
+    parser.add_argument("--implementations", default="pallas_triton,pallas_mosaic,pallas_mosaic_warp",
                         help="comma-separated kernels to check and time")
-    parser.add_argument("--variants", default="block_k=64", help="';'-separated k=v,k=v tuning sets")
+    parser.add_argument("--variants", default="", help="';'-separated k=v,k=v tuning sets; empty: the defaults")
     parser.add_argument("--out", type=Path, help="directory for results.json")
     args = parser.parse_args()
     if jax.default_backend() != "gpu":

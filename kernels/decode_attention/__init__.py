@@ -7,13 +7,13 @@ Implementations:
   "pallas_triton"  fused dequantize-and-attend kernel (Triton lowering); on CPU it runs
                    in Pallas interpret mode.
   "pallas_mosaic"  the same for packed FP4 caches on Hopper (Mosaic GPU lowering: TMA,
-                   decode in shared memory, wgmma); on CPU it runs in Mosaic GPU
+                   decode into shared memory, wgmma); on CPU it runs in Mosaic GPU
                    interpret mode.
-  "pallas_mosaic_warp"  the same, one warp a split, decoding into mma.sync's registers
-                   (Mosaic GPU lowering, inline PTX); GPU only.
-On GPU the default is "pallas_mosaic" where it handles the layer and head_dim is 128
-(where it measured faster, docs/benchmarks.md), else "pallas_triton" (for buffers its
-32-bit offsets can address); "reference" elsewhere.
+  "pallas_mosaic_warp"  the same for packed FP4 caches, one warp a split, decoding into
+                   mma.sync's registers (Mosaic GPU lowering, inline PTX); GPU only.
+On GPU the default is "pallas_mosaic_warp" where it handles the layer (the fastest,
+docs/benchmarks.md), else "pallas_triton" (for buffers its 32-bit offsets can
+address); "reference" elsewhere.
 """
 
 from __future__ import annotations
@@ -99,12 +99,12 @@ def decode_attention(
 
 def _default_implementation(q, layer: LayerCache) -> str:
     implementation = tiles.default_implementation(layer.k, layer.v)
-    if implementation == "pallas_triton" and q.shape[-1] == 128:
+    if implementation == "pallas_triton":
         try:
-            pallas_mosaic.check_supported(layer.k, q.shape[1] // layer.k.shape[1])
+            pallas_mosaic_warp.check_supported(layer.k, q.shape[1] // layer.k.shape[1])
         except ValueError:
             return implementation
-        return "pallas_mosaic"
+        return "pallas_mosaic_warp"
     return implementation
 
 

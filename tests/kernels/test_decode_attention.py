@@ -192,17 +192,18 @@ def test_warp_kernel_refuses_to_run_without_a_gpu():
 
 
 @pytest.mark.gpu
-def test_gpu_default_is_the_mosaic_kernel_for_packed_fp4_at_head_dim_128():
+def test_gpu_default_is_the_warp_kernel_for_packed_fp4():
     from fp4kv_jax.kernels.decode_attention import _default_implementation
 
-    fp4, q = _filled_cache(4, "nvfp4", 16, 2, 128, [200, 7], 256, None)
-    assert _default_implementation(q, fp4.layers[0]) == "pallas_mosaic"
-    ref = decode_attention(q, fp4.layers[0], fp4.lengths, implementation="reference")
-    assert relative_error(decode_attention(q, fp4.layers[0], fp4.lengths), ref) < 1e-2
-    narrow, q64 = _filled_cache(4, "nvfp4", 16, 2, 64, [200, 7], 256, None)
-    bf16, _ = _filled_cache(4, "bf16", 16, 2, 128, [200, 7], 256, None)
-    assert _default_implementation(q64, narrow.layers[0]) == "pallas_triton"
+    for head_dim in (64, 128):
+        fp4, q = _filled_cache(4, "nvfp4", 16, 2, head_dim, [200, 7], 256, None)
+        assert _default_implementation(q, fp4.layers[0]) == "pallas_mosaic_warp"
+        ref = decode_attention(q, fp4.layers[0], fp4.lengths, implementation="reference")
+        assert relative_error(decode_attention(q, fp4.layers[0], fp4.lengths), ref) < 1e-2
+    bf16, q = _filled_cache(4, "bf16", 16, 2, 128, [200, 7], 256, None)
+    odd, q_odd = _filled_cache(4, "nvfp4", 16, 2, 128, [20, 7], 48, None)  # capacity not a multiple of 32
     assert _default_implementation(q, bf16.layers[0]) == "pallas_triton"
+    assert _default_implementation(q_odd, odd.layers[0]) == "pallas_triton"
 
 
 @pytest.mark.gpu
