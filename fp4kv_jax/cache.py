@@ -58,6 +58,12 @@ class LayerCache:
         head_dim (`fp4kv_jax.rotation`); attention then rotates its queries the same way.
       values_rotated: whether values are stored rotated so; attention then rotates its
         output back (softmax weights times V H, times H, is the plain output).
+      kept_k, kept_v: bf16 [B, Hkv, keep_first + keep_recent, D] full-precision copies
+        (rotated like k and v) of the first `keep_first` positions, in slots 0.., and
+        of the last `keep_recent` written, in a ring (position p in slot
+        keep_first + p % keep_recent); None when the layer keeps none. A query at
+        position i reads position p from them when p < keep_first or p > i -
+        keep_recent (KIVI's full-precision sink and recent window), else from k, v.
     """
 
     k: QuantizedTensor
@@ -66,10 +72,19 @@ class LayerCache:
     ring: bool = dataclasses.field(metadata=dict(static=True))
     keys_rotated: bool = dataclasses.field(default=False, metadata=dict(static=True))
     values_rotated: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    kept_k: jax.Array | None = None
+    kept_v: jax.Array | None = None
+    keep_first: int = dataclasses.field(default=0, metadata=dict(static=True))
+    keep_recent: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def capacity(self) -> int:
         return self.k.data.shape[2]
+
+    @property
+    def keeps_positions(self) -> bool:
+        """Whether some positions are read from full-precision copies (`kept_k`)."""
+        return self.keep_first + self.keep_recent > 0
 
 
 @jax.tree_util.register_dataclass
@@ -161,6 +176,8 @@ def init_cache(
     key_dtype: str | None = None,
     value_dtype: str | None = None,
     bf16_layers: Sequence[int] = (),
+    keep_first: int = 0,
+    keep_recent: int = 0,
 ) -> KVCache:
     """An empty cache for `config` (a ModelConfig, built-in id or HF directory).
 
@@ -179,11 +196,19 @@ def init_cache(
         accuracy recipe for block formats; exact in attention). head_dim must be a
         power of two.
       rotate_values: store values rotated the same way (likewise exact).
+      keep_first, keep_recent: every layer also keeps bf16 copies of the first
+        `keep_first` positions and of the last `keep_recent` ones, which attention reads
+        instead of the stored formats (`LayerCache.kept_k`): KIVI's full-precision
+        sinks and recent window. Attention over such layers runs in the reference.
     """
     config = get_config(config)
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}.")
+    for name, value in (("keep_first", keep_first), ("keep_recent", keep_recent)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {value!r}.")
+    kept = keep_first + keep_recent
     key_formats, value_formats = tensor_formats(
         cache_dtype, config.num_layers, key_dtype, value_dtype, bf16_layers
     )
@@ -196,11 +221,18 @@ def init_cache(
         window = config.layer_window(layer)
         ring = trim_sliding_layers and window is not None and window < max_len
         capacity = window if ring else max_len
+        if ring and kept:
+            raise ValueError(
+                "keep_first, keep_recent: full-precision positions are not kept in trimmed "
+                "sliding-window (ring-buffer) layers; build the cache without trim_sliding_layers."
+            )
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
+        kept_shape = (batch_size, config.num_kv_heads, kept, config.head_dim)
+        kept_k, kept_v = (jnp.zeros(kept_shape, jnp.bfloat16) for _ in range(2)) if kept else (None, None)
         layers.append(
             LayerCache(
                 empty_tensor(key_fmt, shape), empty_tensor(value_fmt, shape), window, ring,
-                rotate_keys, rotate_values,
+                rotate_keys, rotate_values, kept_k, kept_v, keep_first, keep_recent,
             )
         )
     return KVCache(
@@ -281,6 +313,12 @@ def write_layer(
         return quantize_into_cache(new, stored, cache.lengths, num_tokens=fitting, ring=lc.ring)
 
     written = dataclasses.replace(lc, k=write(lc.k, k), v=write(lc.v, v))
+    if lc.keeps_positions:
+        written = dataclasses.replace(
+            written,
+            kept_k=_write_kept(lc, lc.kept_k, k, cache.lengths, fitting),
+            kept_v=_write_kept(lc, lc.kept_v, v, cache.lengths, fitting),
+        )
     slots = token_slots(
         cache.lengths[:, None], fitting[:, None], jnp.arange(chunk)[None, :], lc.capacity, lc.ring
     )
@@ -288,6 +326,69 @@ def write_layer(
     bad = jnp.any(kept & ~jnp.isfinite(k)) | jnp.any(kept & ~jnp.isfinite(v))
     layers = cache.layers[:layer] + (written,) + cache.layers[layer + 1 :]
     return dataclasses.replace(cache, layers=layers, nonfinite=cache.nonfinite | bad)
+
+
+def _write_kept(lc: LayerCache, kept: jax.Array, new: jax.Array, lengths, counts) -> jax.Array:
+    """kept [B, Hkv, F + R, D] with the chunk new [B, T, Hkv, D] (its first `counts`
+    tokens, at positions lengths ..) written: positions < F to slots 0.., the newest R
+    of the chunk to the ring."""
+    chunk = new.shape[1]
+    positions = lengths[:, None] + jnp.arange(chunk)[None, :]
+    real = jnp.arange(chunk)[None, :] < counts[:, None]
+    dropped = kept.shape[2]  # an out-of-range slot: the write is dropped
+    first = jnp.where(real & (positions < lc.keep_first), positions, dropped)
+    newest = real & (positions >= (lengths + counts)[:, None] - lc.keep_recent)
+    ring = jnp.where(newest, lc.keep_first + positions % max(lc.keep_recent, 1), dropped)
+    if lc.keep_recent == 0:
+        ring = jnp.full_like(ring, dropped)
+    values = new.astype(kept.dtype).transpose(0, 2, 1, 3)
+
+    def per_sequence(stored, slots_first, slots_ring, chunk_values):
+        stored = stored.at[:, slots_first].set(chunk_values, mode="drop")
+        return stored.at[:, slots_ring].set(chunk_values, mode="drop")
+
+    return jax.vmap(per_sequence)(kept, first, ring, values)
+
+
+def kept_values(
+    before: LayerCache, start: jax.Array, k: jax.Array, v: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The full-precision keys and values by position that the queries of a chunk read
+    from a layer keeping positions (`LayerCache.kept_k`), for attention.
+
+    Args:
+      before: the layer as it was before the chunk was written (a chunk's own writes
+        can overwrite the recent ring that its first queries still read).
+      start: int32 [B], the lengths before the chunk.
+      k, v: float [B, T, Hkv, D], the chunk as passed to `write_layer`.
+
+    Returns:
+      (full_k, full_v), float32 [B, Hkv, capacity, D], in the stored (rotated) frame and
+      rounded to bf16 as kept; positions no query of the chunk reads from them are 0.
+    """
+    if before.keys_rotated:
+        k = hadamard_rotate(k)
+    if before.values_rotated:
+        v = hadamard_rotate(v)
+    capacity, first, recent = before.capacity, before.keep_first, before.keep_recent
+    chunk = k.shape[1]
+    # Kept slots by the position they held before the chunk; the chunk after them.
+    ring = positions_in_slots(start, recent, ring=True) if recent else jnp.zeros((start.shape[0], 0), jnp.int32)
+    held = jnp.concatenate([jnp.broadcast_to(jnp.arange(first), (start.shape[0], first)), ring], axis=1)
+    held = jnp.where((held >= 0) & (held < start[:, None]), held, capacity)
+    chunk_positions = start[:, None] + jnp.arange(chunk)[None, :]
+
+    def by_position(kept, new):
+        full = jnp.zeros((*kept.shape[:2], capacity, kept.shape[3]), jnp.float32)
+        new = new.astype(jnp.bfloat16).transpose(0, 2, 1, 3)
+
+        def per_sequence(out, kept_b, held_b, new_b, chunk_b):
+            out = out.at[:, held_b].set(kept_b.astype(jnp.float32), mode="drop")
+            return out.at[:, chunk_b].set(new_b.astype(jnp.float32), mode="drop")
+
+        return jax.vmap(per_sequence)(full, kept, held, new, chunk_positions)
+
+    return by_position(before.kept_k, k), by_position(before.kept_v, v)
 
 
 def advance(cache: KVCache, num_tokens: jax.Array | int) -> KVCache:

@@ -24,10 +24,17 @@ def _layout(cache: KVCache) -> dict:
                 "key_fmt": lc.k.fmt, "value_fmt": lc.v.fmt, "shape": list(lc.k.shape),
                 "window": lc.window, "ring": lc.ring,
                 "keys_rotated": lc.keys_rotated, "values_rotated": lc.values_rotated,
+                "keep_first": lc.keep_first, "keep_recent": lc.keep_recent,
             }
             for lc in cache.layers
         ],
     }
+
+
+def _kept_buffer(spec: dict):
+    kept = spec.get("keep_first", 0) + spec.get("keep_recent", 0)
+    batch, heads, _, head_dim = spec["shape"]
+    return jnp.zeros((batch, heads, kept, head_dim), jnp.bfloat16) if kept else None
 
 
 def _empty_from_layout(layout: dict) -> KVCache:
@@ -39,6 +46,10 @@ def _empty_from_layout(layout: dict) -> KVCache:
             spec["ring"],
             spec.get("keys_rotated", False),
             spec.get("values_rotated", False),
+            _kept_buffer(spec),
+            _kept_buffer(spec),
+            spec.get("keep_first", 0),
+            spec.get("keep_recent", 0),
         )
         for spec in layout["layers"]
     )

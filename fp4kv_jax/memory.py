@@ -35,18 +35,29 @@ def kv_cache_bytes_per_token(
     key_dtype: str | None = None,
     value_dtype: str | None = None,
     bf16_layers: Sequence[int] = (),
+    keep_first: int = 0,
+    keep_recent: int = 0,
 ) -> int:
     """Bytes that one more token of one sequence costs across all layers.
 
     Equals 2 * layers * kv_heads * head_dim * bits / 8 with the block scales counted in
     the bits. Sliding layers count too: this is the cache without trimmed windows.
-    key_dtype, value_dtype and bf16_layers are `init_cache`'s.
+    key_dtype, value_dtype and bf16_layers are `init_cache`'s; keep_first and
+    keep_recent cost a fixed `kept_bytes_per_sequence`, not a per-token amount.
     """
+    del keep_first, keep_recent
     config = get_config(config)
     return sum(
         _tensor_bytes_per_position(config, k) + _tensor_bytes_per_position(config, v)
         for k, v in _layer_formats(config, cache_dtype, key_dtype, value_dtype, bf16_layers)
     )
+
+
+def kept_bytes_per_sequence(config: ModelConfig | str, keep_first: int = 0, keep_recent: int = 0) -> int:
+    """The bf16 copies of the first and last positions (`init_cache`'s keep_first,
+    keep_recent) of one sequence, over all layers: a fixed cost, not one per token."""
+    config = get_config(config)
+    return 2 * config.num_layers * config.num_kv_heads * (keep_first + keep_recent) * config.head_dim * 2
 
 
 def kv_cache_bytes(
@@ -59,10 +70,13 @@ def kv_cache_bytes(
     key_dtype: str | None = None,
     value_dtype: str | None = None,
     bf16_layers: Sequence[int] = (),
+    keep_first: int = 0,
+    keep_recent: int = 0,
 ) -> int:
     """The exact bytes of `init_cache(config, batch_size, max_len, cache_dtype, ...)`."""
     config = get_config(config)
     total = batch_size * _LENGTH_BYTES + _FLAG_BYTES
+    total += batch_size * kept_bytes_per_sequence(config, keep_first, keep_recent)
     layer_formats = _layer_formats(config, cache_dtype, key_dtype, value_dtype, bf16_layers)
     for layer, formats in enumerate(layer_formats):
         window = config.layer_window(layer)
@@ -84,6 +98,8 @@ def max_cache_tokens(
     key_dtype: str | None = None,
     value_dtype: str | None = None,
     bf16_layers: Sequence[int] = (),
+    keep_first: int = 0,
+    keep_recent: int = 0,
 ) -> int:
     """The largest max_len whose cache of `batch_size` sequences fits `budget_bytes`.
 
@@ -96,6 +112,7 @@ def max_cache_tokens(
             kv_cache_bytes(
                 config, cache_dtype, batch_size, n, trim_sliding_layers=trim_sliding_layers,
                 key_dtype=key_dtype, value_dtype=value_dtype, bf16_layers=bf16_layers,
+                keep_first=keep_first, keep_recent=keep_recent,
             )
             <= budget_bytes
         )

@@ -24,10 +24,13 @@ RECIPE_OPTIONS = {
     "values_only": (("key_dtype", "bf16"),),
     "fp8_keys": (("key_dtype", "fp8_e4m3"),),
 }
-# A suffix with a count: "nvfp4+bf16_first=2" keeps the first 2 layers in bf16.
+# Suffixes with a count: "nvfp4+bf16_first=2" keeps the first 2 layers in bf16;
+# "nvfp4+first=4+recent=32" keeps the first 4 and the last 32 positions of every layer
+# in bf16 too (KIVI's full-precision sinks and recent window).
 _BF16_FIRST = "bf16_first="
+_COUNTED_OPTIONS = {"first=": "keep_first", "recent=": "keep_recent"}
 # The options that change what the cache stores, and so its memory figures.
-_STORAGE_OPTIONS = ("key_dtype", "value_dtype", "bf16_layers")
+_STORAGE_OPTIONS = ("key_dtype", "value_dtype", "bf16_layers", "keep_first", "keep_recent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +64,9 @@ class CacheRecipe:
 def recipe_from_name(name: str) -> CacheRecipe:
     """The recipe a row name spells: a cache dtype, then optional "+suffix" parts.
 
-    For example "fp4_e2m1" or "nvfp4+hadamard"; suffixes are the keys of RECIPE_OPTIONS
-    and "bf16_first=N" (the first N layers stored in bf16, a per-layer dtype).
+    For example "fp4_e2m1" or "nvfp4+hadamard"; suffixes are the keys of RECIPE_OPTIONS,
+    "bf16_first=N" (the first N layers stored in bf16, a per-layer dtype), "first=N"
+    and "recent=N" (the first and the last N positions also kept in bf16).
     """
     cache_dtype, *suffixes = name.split("+")
     get_codec(cache_dtype, arg="cache_dtype")
@@ -73,11 +77,14 @@ def recipe_from_name(name: str) -> CacheRecipe:
             options += RECIPE_OPTIONS[suffix]
         elif suffix.startswith(_BF16_FIRST) and suffix[len(_BF16_FIRST):].isdigit():
             options.append(("bf16_layers", tuple(range(int(suffix[len(_BF16_FIRST):])))))
+        elif (prefix := suffix.partition("=")[0] + "=") in _COUNTED_OPTIONS and suffix[len(prefix):].isdigit():
+            options.append((_COUNTED_OPTIONS[prefix], int(suffix[len(prefix):])))
         else:
             unknown.append(suffix)
     if unknown:
         raise ValueError(
             f"cache_dtype: unknown recipe suffix(es) {unknown} in {name!r}; valid: "
-            f"{', '.join('+' + key for key in RECIPE_OPTIONS)}, +{_BF16_FIRST}N."
+            f"{', '.join('+' + key for key in RECIPE_OPTIONS)}, +{_BF16_FIRST}N, "
+            f"{', '.join('+' + prefix + 'N' for prefix in _COUNTED_OPTIONS)}."
         )
     return CacheRecipe(name=name, cache_dtype=cache_dtype, options=tuple(options))

@@ -137,3 +137,35 @@ def load_rows(ref, block: jax.Array, block_rows: int, num_rows: int, columns=sli
         return view[...]
     rows = block * block_rows + jnp.arange(block_rows)
     return plgpu.load(view, mask=(rows < num_rows)[:, None], other=jnp.zeros((), view.dtype))
+
+
+def kept_positions(layer, full_k, full_v):
+    """The reference's `kept` argument for a layer: (full_k, full_v, keep_first,
+    keep_recent) if the layer keeps positions in full precision, else None; refuses
+    full_k, full_v given to a layer that keeps none, or missing for one that does."""
+    if (full_k is None) != (full_v is None):
+        raise ValueError("full_k, full_v: pass both or neither.")
+    if not layer.keeps_positions:
+        if full_k is not None:
+            raise ValueError("full_k, full_v: the layer keeps no positions in full precision.")
+        return None
+    if full_k is None:
+        raise ValueError(
+            "full_k, full_v: required for a layer keeping positions in full precision "
+            "(keep_first, keep_recent); see fp4kv_jax.cache.kept_values."
+        )
+    expected = tuple(layer.k.shape)
+    for name, x in (("full_k", full_k), ("full_v", full_v)):
+        if x.shape != expected:
+            raise ValueError(f"{name}: expected shape {expected}, got {x.shape}.")
+    return full_k, full_v, layer.keep_first, layer.keep_recent
+
+
+def refuse_kept_positions(layer, implementation: str) -> None:
+    """The Pallas kernels read only the stored formats: refuse a layer keeping
+    positions in full precision, naming the implementation."""
+    if layer.keeps_positions:
+        raise ValueError(
+            f"implementation: {implementation!r} does not read the full-precision positions a "
+            "layer keeps (keep_first, keep_recent); use 'reference'."
+        )

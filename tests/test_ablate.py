@@ -72,7 +72,9 @@ def _rows(results):
     return {row["name"]: row for row in results["results"]}
 
 
-@pytest.mark.parametrize("row", ["fp4_e2m1", "nvfp4+hadamard+hadamard_v", "nvfp4+values_only"])
+@pytest.mark.parametrize(
+    "row", ["fp4_e2m1", "nvfp4+hadamard+hadamard_v", "nvfp4+values_only", "fp4_e2m1+first=2+recent=3+hadamard"]
+)
 def test_one_pass_window_score_equals_token_by_token_decode_through_the_same_cache(llama, row):
     with np.load(FIXTURES / "llama" / "golden.npz") as golden:
         input_ids = golden["input_ids"][:1, :12]
@@ -102,8 +104,13 @@ def test_recipe_names_spell_a_cache_dtype_and_its_options():
     assert dict(recipe_from_name("mxfp4+values_only").options) == {"key_dtype": "bf16"}
     assert recipe_from_name("nvfp4+bf16_first=2").storage == {"cache_dtype": "nvfp4", "bf16_layers": (0, 1)}
     assert dict(recipe_from_name("nvfp4+fp8_keys").options) == {"key_dtype": "fp8_e4m3"}
+    assert recipe_from_name("nvfp4+first=4+recent=32").storage == {
+        "cache_dtype": "nvfp4", "keep_first": 4, "keep_recent": 32
+    }
     with pytest.raises(ValueError, match=r"unknown recipe suffix\(es\) \['rotate'\].*valid: \+hadamard"):
         recipe_from_name("nvfp4+rotate")
+    with pytest.raises(ValueError, match=r"\['recent=-1'\].*\+first=N, \+recent=N"):
+        recipe_from_name("nvfp4+recent=-1")
     with pytest.raises(ValueError, match=r"\['bf16_first=x'\].*\+bf16_first=N"):
         recipe_from_name("nvfp4+bf16_first=x")
     with pytest.raises(ValueError, match="cache_dtype"):
@@ -199,3 +206,14 @@ def test_outputs_hold_one_row_per_cache_dtype(results, tmp_path):
     assert [line.split("|")[1].strip() for line in table if line.startswith("| ") and "---" not in line][1:] == ROWS
     pngs = [p for p in paths if p.suffix == ".png"]
     assert len(pngs) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_a_recent_window_covering_the_text_scores_like_a_bf16_cache(llama):
+    with np.load(FIXTURES / "llama" / "golden.npz") as golden:
+        input_ids = golden["input_ids"][:1, :12]
+    bf16 = score_window(llama, input_ids, recipe_from_name("bf16")).nll[0]
+    kept = score_window(llama, input_ids, recipe_from_name("fp4_e2m1+recent=12")).nll[0]
+    window = score_window(llama, input_ids, recipe_from_name("fp4_e2m1+recent=4")).nll[0]
+    np.testing.assert_allclose(np.asarray(kept), np.asarray(bf16), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(window)[:4], np.asarray(bf16)[:4], rtol=0, atol=1e-6)
+    assert np.abs(np.asarray(window) - np.asarray(bf16))[4:].max() > 1e-3  # older keys read as FP4

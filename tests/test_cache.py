@@ -183,3 +183,25 @@ def test_rotated_keys_and_values_read_back_as_written_and_leave_attention_unchan
 def test_rotation_needs_a_power_of_two_head_dim():
     with pytest.raises(ValueError, match="head_dim: the Hadamard rotation needs a power of two, got 24"):
         C.init_cache(dataclasses.replace(TINY, head_dim=24), 1, 4, "bf16", rotate_keys=True)
+
+
+def test_kept_buffers_hold_the_first_and_the_newest_positions_in_bf16():
+    cache = C.init_cache("smollm2-135m", 2, 32, "fp4_e2m1", keep_first=2, keep_recent=3)
+    x = jax.random.normal(jax.random.key(3), (2, 9, 3, 64))
+    cache = C.update(cache, [x[:, :5]] * 30, [2 * x[:, :5]] * 30, num_tokens=np.array([5, 4]))
+    cache = C.update(cache, [x[:, 5:]] * 30, [2 * x[:, 5:]] * 30, num_tokens=np.array([4, 1]))
+    kept = np.asarray(cache.layers[0].kept_k, np.float32)  # [B, Hkv, 2 + 3, D]
+    expected = np.asarray(x.astype(jnp.bfloat16), np.float32).transpose(0, 2, 1, 3)
+    # Sequence 0 holds positions 0..8: first 0, 1; ring slots 2 + p % 3 for p = 6, 7, 8.
+    for slot, position in [(0, 0), (1, 1), (2, 6), (3, 7), (4, 8)]:
+        np.testing.assert_array_equal(kept[0, :, slot], expected[0, :, position])
+    # Sequence 1 holds 0..4 (its second chunk's only real token is x[1, 5], at 4).
+    np.testing.assert_array_equal(kept[1, :, 2 + 4 % 3], expected[1, :, 5])
+    np.testing.assert_array_equal(kept[1, :, 2 + 3 % 3], expected[1, :, 3])
+
+
+def test_kept_positions_are_refused_where_they_cannot_be_honoured():
+    with pytest.raises(ValueError, match="keep_recent: expected a non-negative int"):
+        C.init_cache("smollm2-135m", 1, 8, "nvfp4", keep_recent=-1)
+    with pytest.raises(ValueError, match="keep_first, keep_recent: full-precision positions are not kept in trimmed"):
+        C.init_cache("tests/fixtures/gpt_oss", 1, 64, "nvfp4", trim_sliding_layers=True, keep_recent=4)

@@ -8,9 +8,12 @@ from fp4kv_jax import cache as C
 from fp4kv_jax.cache_io import load_cache, save_cache
 
 
-@pytest.mark.parametrize("fmt, value_dtype", [("nvfp4", None), ("fp8_e5m2", None), ("mxfp4", "bf16")])
-def test_round_trip_is_bit_exact(tmp_path, fmt, value_dtype):
-    cache = C.init_cache("smollm2-135m", 2, 16, fmt, value_dtype=value_dtype)
+@pytest.mark.parametrize(
+    "fmt, options",
+    [("nvfp4", {}), ("fp8_e5m2", {}), ("mxfp4", {"value_dtype": "bf16"}), ("fp4_e2m1", {"keep_first": 1, "keep_recent": 3})],
+)
+def test_round_trip_is_bit_exact(tmp_path, fmt, options):
+    cache = C.init_cache("smollm2-135m", 2, 16, fmt, **options)
     x = jax.random.normal(jax.random.key(0), (2, 5, 3, 64))
     cache = C.update(cache, [x] * 30, [2 * x] * 30, num_tokens=np.array([5, 2]))
     restored = load_cache(save_cache(tmp_path / "cache", cache))

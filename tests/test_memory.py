@@ -4,7 +4,7 @@ import pytest
 
 from fp4kv_jax import cache as C
 from fp4kv_jax import format_names
-from fp4kv_jax.memory import kv_cache_bytes, kv_cache_bytes_per_token, max_cache_tokens
+from fp4kv_jax.memory import kept_bytes_per_sequence, kv_cache_bytes, kv_cache_bytes_per_token, max_cache_tokens
 
 
 @pytest.mark.parametrize(
@@ -65,3 +65,12 @@ def test_trimmed_sliding_layers_fit_more_tokens():
     plain = max_cache_tokens("gpt-oss-20b", "fp4_e2m1", budget)
     trimmed = max_cache_tokens("gpt-oss-20b", "fp4_e2m1", budget, trim_sliding_layers=True)
     assert trimmed > 1.9 * plain
+
+
+def test_kept_positions_cost_a_fixed_amount_per_sequence_equal_to_allocated_bytes():
+    kept = dict(keep_first=4, keep_recent=28)
+    cache = C.init_cache("smollm2-135m", 3, 100, "nvfp4", **kept)
+    assert kv_cache_bytes("smollm2-135m", "nvfp4", 3, 100, **kept) == cache.nbytes
+    extra = kv_cache_bytes("smollm2-135m", "nvfp4", 3, 100, **kept) - kv_cache_bytes("smollm2-135m", "nvfp4", 3, 100)
+    assert extra == 3 * kept_bytes_per_sequence("smollm2-135m", **kept) == 3 * 2 * 30 * 3 * 32 * 64 * 2
+    assert kv_cache_bytes_per_token("smollm2-135m", "nvfp4", **kept) == kv_cache_bytes_per_token("smollm2-135m", "nvfp4")

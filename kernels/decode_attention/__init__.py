@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.kernels import tiles
 from fp4kv_jax.kernels.decode_attention import pallas_mosaic, pallas_mosaic_warp, pallas_triton, reference
+from fp4kv_jax.kernels.prefill_attention import reference as prefill_reference
 from fp4kv_jax.rotation import hadamard_rotate
 
 IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic", "pallas_mosaic_warp")
@@ -38,6 +39,8 @@ def decode_attention(
     *,
     sinks: jax.Array | None = None,
     sm_scale: float | None = None,
+    full_k: jax.Array | None = None,
+    full_v: jax.Array | None = None,
     implementation: str | None = None,
     **tuning,
 ) -> jax.Array:
@@ -52,19 +55,27 @@ def decode_attention(
       lengths: int32 [B], valid positions per sequence (each >= 1).
       sinks: float [Hq] learned sink logits that join the softmax denominator only.
       sm_scale: softmax scale; default 1 / sqrt(D).
-      implementation: one of IMPLEMENTATIONS, or None for the default above.
+      full_k, full_v: for a layer keeping positions in full precision
+        (`LayerCache.keeps_positions`) and only then: float [B, Hkv, capacity, D], the
+        full-precision keys and values by position (`fp4kv_jax.cache.kept_values`).
+        Such layers attend through the reference.
+      implementation: one of IMPLEMENTATIONS, or None for the default above
+        ("reference" for a layer keeping positions).
       **tuning: passed to the Pallas implementation (block_k, num_splits, num_stages;
         num_warps for pallas_triton).
 
     Returns:
       [B, Hq, D] in q's dtype.
     """
-    implementation = implementation or _default_implementation(q, layer)
+    kept = tiles.kept_positions(layer, full_k, full_v)
+    implementation = implementation or ("reference" if kept else _default_implementation(q, layer))
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
         )
     batch, num_heads, head_dim = _check(q, layer, lengths, sinks)
+    if kept and implementation != "reference":
+        tiles.refuse_kept_positions(layer, implementation)
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     if layer.keys_rotated:
         q = hadamard_rotate(q)  # scores are unchanged: (q H) . (k H) = q . k
@@ -72,7 +83,12 @@ def decode_attention(
     if implementation == "reference":
         if tuning:
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
-        out = reference.decode_attention(q, layer.k, layer.v, lengths, **args)
+        if kept:  # one query at position lengths - 1: a prefill of one token
+            out = prefill_reference.prefill_attention(
+                q[:, None], layer.k, layer.v, lengths - 1, kept=kept, **args
+            )[:, 0]
+        else:
+            out = reference.decode_attention(q, layer.k, layer.v, lengths, **args)
     elif implementation == "pallas_mosaic_warp":
         tiles.check_one_format(layer.k, layer.v, arg="layer")
         if not tiles.on_gpu():

@@ -43,6 +43,8 @@ def prefill_attention(
     sm_scale: float | None = None,
     chunk_k: jax.Array | None = None,
     chunk_v: jax.Array | None = None,
+    full_k: jax.Array | None = None,
+    full_v: jax.Array | None = None,
     implementation: str | None = None,
     **tuning,
 ) -> jax.Array:
@@ -58,19 +60,27 @@ def prefill_attention(
       sm_scale: softmax scale; default 1 / sqrt(D).
       chunk_k, chunk_v: both or neither; float [B, T, Hkv, D], the chunk's
         full-precision keys and values, attended instead of their stored copies.
-      implementation: one of IMPLEMENTATIONS, or None for `tiles.default_implementation(layer.k, layer.v)`.
+      full_k, full_v: for a layer keeping positions in full precision
+        (`LayerCache.keeps_positions`) and only then: float [B, Hkv, capacity, D], the
+        full-precision keys and values by position (`fp4kv_jax.cache.kept_values`).
+        Such layers attend through the reference.
+      implementation: one of IMPLEMENTATIONS, or None for `tiles.default_implementation(layer.k, layer.v)`
+        ("reference" for a layer keeping positions).
       **tuning: passed to the Pallas implementation (block_t, block_k, num_warps,
         num_stages).
 
     Returns:
       [B, T, Hq, D] in q's dtype.
     """
-    implementation = implementation or tiles.default_implementation(layer.k, layer.v)
+    kept = tiles.kept_positions(layer, full_k, full_v)
+    implementation = implementation or ("reference" if kept else tiles.default_implementation(layer.k, layer.v))
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
         )
     _check(q, layer, start, sinks, chunk_k, chunk_v)
+    if kept and chunk_k is not None:
+        raise ValueError("chunk_k, chunk_v: a layer keeping positions in full precision takes full_k, full_v instead.")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if layer.keys_rotated:
         # Scores are unchanged: (q H) . (k H) = q . k.
@@ -85,8 +95,9 @@ def prefill_attention(
     if implementation == "reference":
         if tuning:
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
-        out = reference.prefill_attention(q, layer.k, layer.v, start, **args)
+        out = reference.prefill_attention(q, layer.k, layer.v, start, kept=kept, **args)
     else:
+        tiles.refuse_kept_positions(layer, implementation)
         tiles.check_one_format(layer.k, layer.v, arg="layer")
         interpret = tiles.interpret_mode(layer.k, layer.v, arg="layer")
         out = pallas_triton.prefill_attention(

@@ -1,6 +1,8 @@
 """decode_attention: the Pallas kernel (interpret mode on CPU) against the float32
 reference, and the reference against float64 numpy softmax attention."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,3 +225,19 @@ def test_compiled_kernels_refuse_a_head_dim_they_are_not_checked_at():
     with pytest.raises(ValueError, match="layer: head_dim 16; the compiled Pallas kernels take multiples of 64"):
         decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_triton")
     assert decode_attention(q, cache.layers[0], cache.lengths).shape == q.shape  # the default: reference
+
+
+def test_a_layer_keeping_positions_needs_them_and_the_reference():
+    cache, q = _filled_cache(8, "nvfp4", 4, 2, 64, [10, 3], 16)
+    layer = dataclasses.replace(
+        cache.layers[0], kept_k=jnp.zeros((2, 2, 4, 64), jnp.bfloat16), kept_v=jnp.zeros((2, 2, 4, 64), jnp.bfloat16),
+        keep_recent=4,
+    )
+    full = jnp.zeros((2, 2, 16, 64))
+    with pytest.raises(ValueError, match="full_k, full_v: required for a layer keeping positions"):
+        decode_attention(q, layer, cache.lengths)
+    with pytest.raises(ValueError, match="'pallas_triton' does not read the full-precision positions"):
+        decode_attention(q, layer, cache.lengths, full_k=full, full_v=full, implementation="pallas_triton")
+    with pytest.raises(ValueError, match="full_k, full_v: the layer keeps no positions"):
+        decode_attention(q, cache.layers[0], cache.lengths, full_k=full, full_v=full)
+    assert decode_attention(q, layer, cache.lengths, full_k=full, full_v=full).shape == q.shape
