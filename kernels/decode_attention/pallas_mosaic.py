@@ -37,9 +37,8 @@ from fp4kv_jax.formats import QuantizedTensor, get_codec
 from fp4kv_jax.kernels import tiles
 from fp4kv_jax.kernels.decode_attention import splits
 
-_MAX_GROUP = 16
 _SCALE_ROW = 16  # block scales are copied as [*, 16]-byte rows (TMA's 16-byte minimum)
-SUPPORTED_FORMATS = ("fp4_e2m1", "nvfp4", "mxfp4")
+SUPPORTED_FORMATS = splits.PACKED_FP4_FORMATS
 
 
 # Explicit layouts (Lane semantics): the inline-PTX decode owns its threads' work.
@@ -184,23 +183,7 @@ def _kernel(
 def check_supported(k: QuantizedTensor, group: int, block_k: int = 64) -> None:
     """Raises ValueError unless this implementation handles the layer's K (and V) for a
     GQA group of `group` query heads per KV head."""
-    if k.fmt not in SUPPORTED_FORMATS:
-        raise ValueError(
-            f"implementation: 'pallas_mosaic' handles {', '.join(SUPPORTED_FORMATS)}, "
-            f"not {k.fmt!r}; use 'pallas_triton'."
-        )
-    head_dim, capacity = k.shape[-1], k.shape[-2]
-    if head_dim not in (64, 128):
-        raise ValueError(f"implementation: 'pallas_mosaic' needs head_dim 64 or 128, got {head_dim}.")
-    if capacity % block_k:
-        raise ValueError(
-            f"implementation: 'pallas_mosaic' needs a cache capacity that is a multiple of "
-            f"block_k={block_k}, got {capacity}."
-        )
-    if group > _MAX_GROUP:
-        raise ValueError(
-            f"implementation: 'pallas_mosaic' takes up to {_MAX_GROUP} query heads per KV head, got {group}."
-        )
+    splits.check_packed_fp4("pallas_mosaic", k, group, block_k)
 
 
 def scale_rows(scales: jax.Array) -> jax.Array:

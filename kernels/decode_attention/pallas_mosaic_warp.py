@@ -51,11 +51,16 @@ from fp4kv_jax.kernels.decode_attention import splits
 
 BLOCK = 32  # positions a warp takes at a time: two mma tiles of 16
 WARPS = 4
-_MAX_GROUP = 16
-SUPPORTED_FORMATS = ("fp4_e2m1", "nvfp4", "mxfp4")
+SUPPORTED_FORMATS = splits.PACKED_FP4_FORMATS
 COMPILER_PARAMS = plgpu.CompilerParams(
     lowering_semantics=mgpu.LoweringSemantics.Lane, unsafe_no_auto_barriers=True
 )
+
+# A lane's rows of a block, as offsets from its first: keys [mt][rr] after position g
+# (tile mt's rows g and g + 8); values [kk][pp][q] after 2t (k-step kk's positions
+# 2t + q and 2t + 8 + q).
+KEY_ROWS = [[16 * mt + 8 * rr for rr in range(2)] for mt in range(2)]
+VALUE_ROWS = [[[16 * kk + 8 * pp + q for q in range(2)] for pp in range(2)] for kk in range(2)]
 
 _MMA = (
     "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
@@ -66,24 +71,7 @@ _MMA = (
 def check_supported(k: QuantizedTensor, group: int) -> None:
     """Raises ValueError unless this implementation handles the layer's K (and V) for a
     GQA group of `group` query heads per KV head."""
-    if k.fmt not in SUPPORTED_FORMATS:
-        raise ValueError(
-            f"implementation: 'pallas_mosaic_warp' handles {', '.join(SUPPORTED_FORMATS)}, "
-            f"not {k.fmt!r}; use 'pallas_triton'."
-        )
-    head_dim, capacity = k.shape[-1], k.shape[-2]
-    if head_dim not in (64, 128):
-        raise ValueError(f"implementation: 'pallas_mosaic_warp' needs head_dim 64 or 128, got {head_dim}.")
-    if capacity % BLOCK:
-        raise ValueError(
-            f"implementation: 'pallas_mosaic_warp' needs a cache capacity that is a multiple of "
-            f"{BLOCK}, got {capacity}."
-        )
-    if group > _MAX_GROUP:
-        raise ValueError(
-            f"implementation: 'pallas_mosaic_warp' takes up to {_MAX_GROUP} query heads per KV head, "
-            f"got {group}."
-        )
+    splits.check_packed_fp4("pallas_mosaic_warp", k, group, BLOCK)
 
 
 def key_channel(head_dim: int, step: int, k):
@@ -132,31 +120,25 @@ class _Emitter:
         ptx = f"ld.global.nc.v{words}.b32 {{{outs}}}, {at.format(n=words)};"
         return list(mgpu_utils.inline_ptx(ptx, address, result_types=[self.i32] * words))
 
-    def store(self, address, values, predicate=None):
-        """Global store of 1 or 4 float32 values."""
+    def store(self, address, values, *, space="global", predicate=None):
+        """Store of 1 or 4 float32 values to global or shared memory."""
         if len(values) == 1:
-            mgpu_utils.inline_ptx("st.global.f32 [$0], $1;", address, values[0], predicate=predicate)
+            mgpu_utils.inline_ptx(f"st.{space}.f32 [$0], $1;", address, values[0], predicate=predicate)
             return
-        mgpu_utils.inline_ptx("st.global.v4.f32 [$0], {$1, $2, $3, $4};", address, *values, has_side_effects=True)
+        mgpu_utils.inline_ptx(
+            f"st.{space}.v4.f32 [$0], {{$1, $2, $3, $4}};", address, *values, has_side_effects=True
+        )
 
     def shared_address(self, ref):
         return llvm.ptrtoint(self.i32, mgpu_utils.memref_ptr(ref))
 
-    def store_shared(self, address, values, predicate=None):
-        """Shared-memory store of 1 or 4 float32 values."""
-        if len(values) == 1:
-            mgpu_utils.inline_ptx("st.shared.f32 [$0], $1;", address, values[0], predicate=predicate)
-            return
-        mgpu_utils.inline_ptx("st.shared.v4.f32 [$0], {$1, $2, $3, $4};", address, *values, has_side_effects=True)
-
-    def load_shared(self, base, count, index):
-        """float32 at shared address base + 4 index (one; count must be 1). Ordered
-        after the barrier that makes the stores visible, like every shared access here."""
-        assert count == 1
-        address = arith.addi(base, arith.muli(index, self.int(4)))
-        return mgpu_utils.inline_ptx("ld.shared.f32 $0, [$1];", address, result_types=self.f32, has_side_effects=True)
-
-    def load_shared_vector(self, address):
+    def load_shared(self, address, count):
+        """1 or 4 float32 values at a shared-memory address. Kept in order with the
+        barrier that makes the stores visible, as every shared access here is."""
+        if count == 1:
+            return [
+                mgpu_utils.inline_ptx("ld.shared.f32 $0, [$1];", address, result_types=self.f32, has_side_effects=True)
+            ]
         return list(
             mgpu_utils.inline_ptx(
                 "ld.shared.v4.f32 {$0, $1, $2, $3}, [$4];", address, result_types=[self.f32] * 4, has_side_effects=True
@@ -202,6 +184,8 @@ class _Emitter:
 
 
 def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, ring, prefetch, kv_heads, num_splits):
+    """The kernel body for one thread (see the module docstring); refs are the
+    kernel's operands, outputs and shared scratch in `decode_attention`'s order."""
     lengths, q_ref, q_scale_ref, k_data, k_scales, v_data, v_scales, out, peaks, totals, o_smem, ml_smem = refs
     e = _Emitter()
     i32, c = e.i32, e.int
@@ -223,7 +207,8 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
     if window is not None and not ring:
         lo = arith.maxsi(lo, arith.subi(length, c(window)))
     first = arith.divsi(lo, c(BLOCK))
-    last = arith.select(arith.cmpi(arith.CmpIPredicate.sgt, hi, lo), arith.divsi(arith.addi(hi, c(BLOCK - 1)), c(BLOCK)), first)
+    nonempty = arith.cmpi(arith.CmpIPredicate.sgt, hi, lo)
+    last = arith.select(nonempty, arith.divsi(arith.addi(hi, c(BLOCK - 1)), c(BLOCK)), first)
     mine = arith.maxsi(arith.subi(arith.subi(last, first), warp), c(0))
     iterations = arith.divui(arith.addi(mine, c(WARPS - 1)), c(WARPS))
 
@@ -244,8 +229,6 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
     ks_lane = lane_base(k_scales, scales_per_row, g, key_scale_at)
     v_lane = lane_base(v_data, row_bytes, two_t, arith.muli(g, c(D // 16)))
     vs_lane = lane_base(v_scales, scales_per_row, two_t, value_scale_at)
-    KEY_ROWS = [[16 * mt + 8 * rr for rr in range(2)] for mt in range(2)]  # [mt][rr], after g
-    VALUE_ROWS = [[[16 * kk + 8 * pp + q for q in range(2)] for pp in range(2)] for kk in range(2)]  # after 2t
 
     def block_addresses(block):
         position0 = arith.muli(block, c(BLOCK))
@@ -442,29 +425,28 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
                 total = arith.addf(total, mgpu_utils.shfl_bfly(total, distance))
             state_index = arith.addi(arith.muli(warp, c(rows)), arith.addi(c(8 * nt + h), arith.muli(t, c(2))))
             peak_at = arith.addi(ml_at, arith.muli(state_index, c(4)))
-            e.store_shared(peak_at, [peaks_[nt][h]], first_of_group)
-            e.store_shared(arith.addi(peak_at, c(4 * WARPS * rows)), [total], first_of_group)
+            e.store(peak_at, [peaks_[nt][h]], space="shared", predicate=first_of_group)
+            e.store(arith.addi(peak_at, c(4 * WARPS * rows)), [total], space="shared", predicate=first_of_group)
             # Channels (D/8) g + 2 tile + r, contiguous: O^T rows g + 8 r of each tile.
             values = [outs[nt][j // 2][2 * (j % 2) + h] for j in range(D // 8)]
             row_at = arith.addi(o_at, arith.muli(arith.addi(arith.muli(state_index, c(D)), arith.muli(g, c(D // 8))), c(4)))
             for part in range(D // 32):
-                e.store_shared(arith.addi(row_at, c(16 * part)), values[4 * part : 4 * part + 4])
+                e.store(arith.addi(row_at, c(16 * part)), values[4 * part : 4 * part + 4], space="shared")
     mgpu_utils.warpgroup_barrier()
 
     # Thread i merges elements [i E, (i + 1) E) of the program's [rows, D] output.
     per_thread = rows * D // (32 * WARPS)
     element0 = arith.muli(arith.andi(thread, c(32 * WARPS - 1)), c(per_thread))
     r, column0 = arith.divui(element0, c(D)), arith.remui(element0, c(D))
-    warp_peaks = [e.load_shared(arith.addi(ml_at, c(4 * (w * rows))), 1, r) for w in range(WARPS)]
+    state_at = lambda index: arith.addi(arith.addi(ml_at, c(4 * index)), arith.muli(r, c(4)))  # of [2, WARPS, rows]
+    warp_peaks = [e.load_shared(state_at(w * rows), 1)[0] for w in range(WARPS)]
     best = e.max(warp_peaks)
     weights = [e.exp2(arith.subf(m, best)) for m in warp_peaks]
-    total = e.sum(
-        [arith.mulf(wt, e.load_shared(arith.addi(ml_at, c(4 * (WARPS + w) * rows)), 1, r)) for w, wt in enumerate(weights)]
-    )
+    total = e.sum([arith.mulf(wt, e.load_shared(state_at((WARPS + w) * rows), 1)[0]) for w, wt in enumerate(weights)])
     merged = [e.float(0.0)] * per_thread
     for w, wt in enumerate(weights):
         at = arith.addi(o_at, arith.muli(arith.addi(arith.muli(arith.addi(c(w * rows), r), c(D)), column0), c(4)))
-        parts = [x for part in range(per_thread // 4) for x in e.load_shared_vector(arith.addi(at, c(16 * part)))]
+        parts = [x for part in range(per_thread // 4) for x in e.load_shared(arith.addi(at, c(16 * part)), 4)]
         merged = [arith.addf(acc, arith.mulf(wt, x)) for acc, x in zip(merged, parts)]
     state_row = arith.addi(arith.muli(row, arith.constant(e.i64, num_splits)), e.wide(split))
     index = arith.addi(arith.muli(state_row, arith.constant(e.i64, rows)), e.wide(r))
@@ -473,8 +455,8 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
         e.store(e.address(out, arith.addi(out_at, arith.constant(e.i64, 16 * part))), merged[4 * part : 4 * part + 4])
     row_leader = arith.cmpi(arith.CmpIPredicate.eq, column0, c(0))
     index_bytes = arith.muli(index, arith.constant(e.i64, 4))
-    e.store(e.address(peaks, index_bytes), [arith.mulf(best, e.float(math.log(2.0)))], row_leader)
-    e.store(e.address(totals, index_bytes), [total], row_leader)
+    e.store(e.address(peaks, index_bytes), [arith.mulf(best, e.float(math.log(2.0)))], predicate=row_leader)
+    e.store(e.address(totals, index_bytes), [total], predicate=row_leader)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "window", "ring", "num_splits", "prefetch"))

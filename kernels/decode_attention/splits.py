@@ -14,6 +14,33 @@ from fp4kv_jax.kernels import tiles
 
 PROGRAMS_PER_SM = 4
 DEFAULT_SMS = 132
+# What the Mosaic GPU kernels take: packed FP4 layers and GQA groups of up to 16.
+PACKED_FP4_FORMATS = ("fp4_e2m1", "nvfp4", "mxfp4")
+MAX_PACKED_GROUP = 16
+
+
+def check_packed_fp4(implementation: str, k: QuantizedTensor, group: int, block: int) -> None:
+    """Raises ValueError, naming `implementation`, unless k is a packed FP4 layer with
+    head_dim 64 or 128 and a capacity that is a multiple of `block`, read by GQA
+    groups of at most MAX_PACKED_GROUP query heads."""
+    if k.fmt not in PACKED_FP4_FORMATS:
+        raise ValueError(
+            f"implementation: {implementation!r} handles {', '.join(PACKED_FP4_FORMATS)}, "
+            f"not {k.fmt!r}; use 'pallas_triton'."
+        )
+    head_dim, capacity = k.shape[-1], k.shape[-2]
+    if head_dim not in (64, 128):
+        raise ValueError(f"implementation: {implementation!r} needs head_dim 64 or 128, got {head_dim}.")
+    if capacity % block:
+        raise ValueError(
+            f"implementation: {implementation!r} needs a cache capacity that is a multiple of "
+            f"{block}, got {capacity}."
+        )
+    if group > MAX_PACKED_GROUP:
+        raise ValueError(
+            f"implementation: {implementation!r} takes up to {MAX_PACKED_GROUP} query heads per KV "
+            f"head, got {group}."
+        )
 
 
 def grouped_queries(q: jax.Array, k: QuantizedTensor, rows: int, sm_scale: float) -> jax.Array:

@@ -80,18 +80,24 @@ def test_mosaic_kernel_refuses_what_it_does_not_handle():
     with pytest.raises(ValueError, match="'pallas_mosaic' handles fp4_e2m1, nvfp4, mxfp4, not 'fp8_e4m3'"):
         decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
     cache, q = _filled_cache(2, "nvfp4", 4, 2, 64, [3], 48)
-    with pytest.raises(ValueError, match="capacity that is a multiple of block_k=64, got 48"):
+    with pytest.raises(ValueError, match="capacity that is a multiple of 64, got 48"):
         decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
+
+
+def _ring_and_full_caches(seed, **kwargs):
+    """(expected output over the untrimmed cache, the trimmed cache's ring layer, q, lengths)."""
+    full, q = _filled_cache(seed, **kwargs)
+    ring, _ = _filled_cache(seed, **kwargs, trim=True)
+    assert ring.layers[0].ring and ring.layers[0].capacity == kwargs["window"]
+    expected = decode_attention(q, full.layers[0], full.lengths, implementation="reference")
+    return expected, ring.layers[0], q, ring.lengths
 
 
 def test_ring_buffer_layer_matches_the_untrimmed_cache():
     kwargs = dict(fmt="fp4_e2m1", heads=4, kv_heads=2, head_dim=64, lengths=[45, 20], max_len=48, window=16)
-    full, q = _filled_cache(5, **kwargs)
-    ring, _ = _filled_cache(5, **kwargs, trim=True)
-    assert ring.layers[0].ring and ring.layers[0].capacity == 16
-    expected = decode_attention(q, full.layers[0], full.lengths, implementation="reference")
-    reference = decode_attention(q, ring.layers[0], ring.lengths, implementation="reference")
-    kernel = decode_attention(q, ring.layers[0], ring.lengths, implementation="pallas_triton", block_k=16)
+    expected, layer, q, lengths = _ring_and_full_caches(5, **kwargs)
+    reference = decode_attention(q, layer, lengths, implementation="reference")
+    kernel = decode_attention(q, layer, lengths, implementation="pallas_triton", block_k=16)
     assert relative_error(reference, expected) < 1e-5
     assert relative_error(kernel, expected) < 1e-2
 
@@ -178,11 +184,8 @@ def test_warp_kernel_matches_reference_on_gpu(fmt, heads, kv_heads, head_dim, le
 @pytest.mark.gpu
 def test_warp_kernel_reads_a_ring_buffer_layer():
     kwargs = dict(fmt="nvfp4", heads=8, kv_heads=2, head_dim=128, lengths=[200, 150], max_len=200, window=64)
-    full, q = _filled_cache(6, **kwargs)
-    ring, _ = _filled_cache(6, **kwargs, trim=True)
-    assert ring.layers[0].ring and ring.layers[0].capacity == 64
-    expected = decode_attention(q, full.layers[0], full.lengths, implementation="reference")
-    kernel = decode_attention(q, ring.layers[0], ring.lengths, implementation="pallas_mosaic_warp")
+    expected, layer, q, lengths = _ring_and_full_caches(6, **kwargs)
+    kernel = decode_attention(q, layer, lengths, implementation="pallas_mosaic_warp")
     assert relative_error(kernel, expected) < 1e-2
 
 
