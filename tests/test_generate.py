@@ -35,6 +35,16 @@ def test_greedy_ragged_batch_equals_the_full_forward_argmax_chain(tiny):
     assert result.prefill_seconds > 0 and result.decode_tokens_per_second > 0
 
 
+def test_positions_kept_in_bf16_generate_as_a_bf16_cache_does(tiny):
+    # A ragged batch: the kept ring of each sequence follows its own length.
+    bf16 = generate(tiny, PROMPTS, max_new_tokens=6, cache_dtype="bf16", eos_token_ids=[])
+    kept = generate(
+        tiny, PROMPTS, max_new_tokens=6, cache_dtype="fp4_e2m1", eos_token_ids=[],
+        cache_options=dict(keep_first=1, keep_recent=11),
+    )
+    assert kept.tokens == bf16.tokens
+
+
 def test_end_token_stops_a_sequence_early(tiny):
     chain = _argmax_chain(tiny, PROMPTS[0], 6)
     result = generate(tiny, PROMPTS[:1], max_new_tokens=6, cache_dtype="float32", eos_token_ids=[chain[2]])
