@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from fp4kv_jax import channel_keys
 from fp4kv_jax.formats import QuantizedTensor, get_codec
 from fp4kv_jax.kernels.quantize_into_cache import quantize_into_cache, token_slots
 from fp4kv_jax.models.configs import ModelConfig, get_config
@@ -64,6 +65,9 @@ class LayerCache:
         keep_first + p % keep_recent); None when the layer keeps none. A query at
         position i reads position p from them when p < keep_first or p > i -
         keep_recent (KIVI's full-precision sink and recent window), else from k, v.
+      keys_per_channel: whether k's block scales run over blocks of positions, one per
+        channel (`fp4kv_jax.channel_keys`); a block is quantized once its last
+        position is written, and until then its positions are read from the kept ring.
     """
 
     k: QuantizedTensor
@@ -76,6 +80,7 @@ class LayerCache:
     kept_v: jax.Array | None = None
     keep_first: int = dataclasses.field(default=0, metadata=dict(static=True))
     keep_recent: int = dataclasses.field(default=0, metadata=dict(static=True))
+    keys_per_channel: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def capacity(self) -> int:
@@ -178,6 +183,7 @@ def init_cache(
     bf16_layers: Sequence[int] = (),
     keep_first: int = 0,
     keep_recent: int = 0,
+    per_channel_keys: bool = False,
 ) -> KVCache:
     """An empty cache for `config` (a ModelConfig, built-in id or HF directory).
 
@@ -200,6 +206,10 @@ def init_cache(
         `keep_first` positions and of the last `keep_recent` ones, which attention reads
         instead of the stored formats (`LayerCache.kept_k`): KIVI's full-precision
         sinks and recent window. Attention over such layers runs in the reference.
+      per_channel_keys: quantize keys per channel over blocks of positions (KIVI,
+        KVQuant; `fp4kv_jax.channel_keys`), for packed FP4 key formats; the recent
+        window stages a block until it fills, so keep_recent must be at least the
+        format's block size.
     """
     config = get_config(config)
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):
@@ -226,13 +236,21 @@ def init_cache(
                 "keep_first, keep_recent: full-precision positions are not kept in trimmed "
                 "sliding-window (ring-buffer) layers; build the cache without trim_sliding_layers."
             )
+        if per_channel_keys:
+            block = channel_keys.check_format(key_fmt, arg="per_channel_keys")
+            if keep_recent < block or capacity % block:
+                raise ValueError(
+                    f"per_channel_keys: needs keep_recent >= {block} (the {key_fmt} block the recent "
+                    f"window stages) and max_len a multiple of {block}; got keep_recent={keep_recent}, "
+                    f"max_len={max_len}."
+                )
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
         kept_shape = (batch_size, config.num_kv_heads, kept, config.head_dim)
         kept_k, kept_v = (jnp.zeros(kept_shape, jnp.bfloat16) for _ in range(2)) if kept else (None, None)
         layers.append(
             LayerCache(
                 empty_tensor(key_fmt, shape), empty_tensor(value_fmt, shape), window, ring,
-                rotate_keys, rotate_values, kept_k, kept_v, keep_first, keep_recent,
+                rotate_keys, rotate_values, kept_k, kept_v, keep_first, keep_recent, per_channel_keys,
             )
         )
     return KVCache(
@@ -313,6 +331,8 @@ def write_layer(
         return quantize_into_cache(new, stored, cache.lengths, num_tokens=fitting, ring=lc.ring)
 
     written = dataclasses.replace(lc, k=write(lc.k, k), v=write(lc.v, v))
+    if lc.keys_per_channel:
+        written = dataclasses.replace(written, k=_write_key_blocks(lc, written.k, k, cache.lengths, fitting))
     if lc.keeps_positions:
         written = dataclasses.replace(
             written,
@@ -348,6 +368,34 @@ def _write_kept(lc: LayerCache, kept: jax.Array, new: jax.Array, lengths, counts
         return stored.at[:, slots_ring].set(chunk_values, mode="drop")
 
     return jax.vmap(per_sequence)(kept, first, ring, values)
+
+
+def _write_key_blocks(before: LayerCache, stored: QuantizedTensor, k: jax.Array, lengths, counts) -> QuantizedTensor:
+    """stored keys with every block of positions that the chunk k [B, T, Hkv, D] (its
+    first `counts` tokens at `lengths`) completes quantized per channel; the block's
+    earlier positions come from the kept ring before the write. Values are rounded to
+    bf16 first, as the ring holds them, so a block quantizes alike whether it filled in
+    one chunk or over several."""
+    block = stored.codec.block_size
+    batch, chunk = k.shape[:2]
+    blocks = (lengths // block)[:, None] + jnp.arange(chunk // block + 2)[None, :]  # [B, M]
+    ends = blocks * block + block - 1
+    complete = (ends >= lengths[:, None]) & (ends < (lengths + counts)[:, None])
+    positions = blocks[:, :, None] * block + jnp.arange(block)  # [B, M, bs]
+    offsets = positions - lengths[:, None, None]
+    from_chunk = jax.vmap(lambda x, t: x[jnp.clip(t, 0, chunk - 1)])(k.astype(jnp.bfloat16), offsets)
+    ring_slots = before.keep_first + positions % before.keep_recent
+    from_ring = jax.vmap(lambda kept, s: jnp.moveaxis(kept[:, s], 0, -2))(before.kept_k, ring_slots)
+    values = jnp.where((offsets >= 0)[..., None, None], from_chunk, from_ring)  # [B, M, bs, Hkv, D]
+    values = jnp.moveaxis(values, 3, 1).astype(jnp.float32)  # [B, Hkv, M, bs, D]
+    data, scales = channel_keys.encode_blocks(values, stored.fmt, stored.global_scale)
+    rows = jnp.where(complete[:, :, None], positions, stored.data.shape[2]).reshape(batch, -1)
+
+    def put(array, new):  # array [B, Hkv, S, w]; new [B, Hkv, M, bs, w]
+        new = new.reshape(*new.shape[:2], -1, new.shape[-1])
+        return jax.vmap(lambda a, r, n: a.at[:, r].set(n, mode="drop"))(array, rows, new)
+
+    return dataclasses.replace(stored, data=put(stored.data, data), scales=put(stored.scales, scales))
 
 
 def kept_values(
@@ -453,7 +501,8 @@ def read_layer(
     from fp4kv_jax.formats import dequantize
 
     lc = cache.layers[layer]
-    k, v = dequantize(lc.k, dtype), dequantize(lc.v, dtype)
+    k = channel_keys.decode(lc.k).astype(dtype) if lc.keys_per_channel else dequantize(lc.k, dtype)
+    v = dequantize(lc.v, dtype)
     # The rotation is its own inverse.
     k = hadamard_rotate(k) if lc.keys_rotated else k
     v = hadamard_rotate(v) if lc.values_rotated else v

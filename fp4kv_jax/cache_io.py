@@ -25,6 +25,7 @@ def _layout(cache: KVCache) -> dict:
                 "window": lc.window, "ring": lc.ring,
                 "keys_rotated": lc.keys_rotated, "values_rotated": lc.values_rotated,
                 "keep_first": lc.keep_first, "keep_recent": lc.keep_recent,
+                "keys_per_channel": lc.keys_per_channel,
             }
             for lc in cache.layers
         ],
@@ -50,6 +51,7 @@ def _empty_from_layout(layout: dict) -> KVCache:
             _kept_buffer(spec),
             spec.get("keep_first", 0),
             spec.get("keep_recent", 0),
+            spec.get("keys_per_channel", False),
         )
         for spec in layout["layers"]
     )

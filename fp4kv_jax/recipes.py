@@ -16,13 +16,16 @@ from fp4kv_jax.formats import get_codec
 # turns on: "nvfp4+hadamard" is nvfp4 with keys stored Hadamard-rotated,
 # "nvfp4+hadamard+hadamard_v" with values rotated too; "nvfp4+keys_only" stores only
 # the keys in nvfp4 and the values in bf16, "nvfp4+values_only" the other way round;
-# "nvfp4+fp8_keys" stores the keys in fp8_e4m3 and the values in nvfp4.
+# "nvfp4+fp8_keys" stores the keys in fp8_e4m3 and the values in nvfp4;
+# "nvfp4+channel_keys+recent=16" scales the keys per channel over blocks of 16
+# positions, staged in the recent window.
 RECIPE_OPTIONS = {
     "hadamard": (("rotate_keys", True),),
     "hadamard_v": (("rotate_values", True),),
     "keys_only": (("value_dtype", "bf16"),),
     "values_only": (("key_dtype", "bf16"),),
     "fp8_keys": (("key_dtype", "fp8_e4m3"),),
+    "channel_keys": (("per_channel_keys", True),),
 }
 # Suffixes with a count: "nvfp4+bf16_first=2" keeps the first 2 layers in bf16;
 # "nvfp4+first=4+recent=32" keeps the first 4 and the last 32 positions of every layer

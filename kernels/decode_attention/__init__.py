@@ -85,7 +85,8 @@ def decode_attention(
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
         if kept:  # one query at position lengths - 1: a prefill of one token
             out = prefill_reference.prefill_attention(
-                q[:, None], layer.k, layer.v, lengths - 1, kept=kept, **args
+                q[:, None], layer.k, layer.v, lengths - 1, kept=kept, keys_per_channel=layer.keys_per_channel,
+                **args,
             )[:, 0]
         else:
             out = reference.decode_attention(q, layer.k, layer.v, lengths, **args)

@@ -95,7 +95,9 @@ def prefill_attention(
     if implementation == "reference":
         if tuning:
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
-        out = reference.prefill_attention(q, layer.k, layer.v, start, kept=kept, **args)
+        out = reference.prefill_attention(
+            q, layer.k, layer.v, start, kept=kept, keys_per_channel=layer.keys_per_channel, **args
+        )
     else:
         tiles.refuse_kept_positions(layer, implementation)
         tiles.check_one_format(layer.k, layer.v, arg="layer")

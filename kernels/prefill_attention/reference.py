@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fp4kv_jax import channel_keys
 from fp4kv_jax.cache import positions_in_slots
 from fp4kv_jax.formats import dequantize
 from fp4kv_jax.kernels.masked_softmax import masked_softmax
@@ -18,19 +19,22 @@ def _with_chunk(stored, chunk_values, start):
 
 
 def prefill_attention(
-    q, k, v, start, *, sm_scale, window, ring, sinks, chunk_k=None, chunk_v=None, kept=None
+    q, k, v, start, *, sm_scale, window, ring, sinks, chunk_k=None, chunk_v=None, kept=None,
+    keys_per_channel=False,
 ):
     """q [B, T, Hq, D]; k, v QuantizedTensor [B, Hkv, S, D]; start int32 [B];
     chunk_k, chunk_v None or [B, T, Hkv, D] -> f32 [B, T, Hq, D].
 
     kept: None, or (full_k, full_v, keep_first, keep_recent): a query at position i
     reads position p from full_k, full_v [B, Hkv, S, D] where p < keep_first or
-    p > i - keep_recent, and from k, v elsewhere.
+    p > i - keep_recent, and from k, v elsewhere. keys_per_channel: k is stored per
+    channel (`fp4kv_jax.channel_keys`).
     """
     batch, chunk, num_heads, head_dim = q.shape
     num_kv_heads, capacity = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    keys, values = dequantize(k), dequantize(v)
+    keys = channel_keys.decode(k) if keys_per_channel else dequantize(k)
+    values = dequantize(v)
     if chunk_k is not None:
         keys, values = _with_chunk(keys, chunk_k, start), _with_chunk(values, chunk_v, start)
     qg = q.astype(jnp.float32).reshape(batch, chunk, num_kv_heads, group, head_dim)
