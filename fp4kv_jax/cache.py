@@ -238,11 +238,10 @@ def init_cache(
             )
         if per_channel_keys:
             block = channel_keys.check_format(key_fmt, arg="per_channel_keys")
-            if keep_recent < block or capacity % block:
+            if keep_recent < block:
                 raise ValueError(
-                    f"per_channel_keys: needs keep_recent >= {block} (the {key_fmt} block the recent "
-                    f"window stages) and max_len a multiple of {block}; got keep_recent={keep_recent}, "
-                    f"max_len={max_len}."
+                    f"per_channel_keys: needs keep_recent >= {block}, the {key_fmt} block of positions "
+                    f"the recent window stages until it fills; got keep_recent={keep_recent}."
                 )
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
         kept_shape = (batch_size, config.num_kv_heads, kept, config.head_dim)

@@ -39,12 +39,15 @@ def encode_blocks(
 
 
 def decode(keys: QuantizedTensor) -> jax.Array:
-    """Keys stored per channel [..., S, D] (S a multiple of the block size) -> float32."""
+    """Keys stored per channel [..., S, D] -> float32. Positions of a last, partial
+    block (S not a multiple of the block size) never fill it, and read as 0."""
     block = keys.codec.block_size
     *lead, positions, half = keys.data.shape
-    head_dim = 2 * half
-    data = keys.data.reshape(*lead, positions // block, block, half)
-    by_channel = e2m1.pack(jnp.swapaxes(e2m1.unpack(data), -1, -2))  # [..., S/bs, D, bs/2]
-    scales = keys.scales.reshape(*lead, positions // block, head_dim, 1)
-    values = keys.codec.decode(by_channel, scales, keys.global_scale)  # [..., S/bs, D, bs]
-    return jnp.swapaxes(values, -1, -2).reshape(*lead, positions, head_dim)
+    head_dim, blocks = 2 * half, -(-positions // block)
+    padding = [(0, 0)] * len(lead) + [(0, blocks * block - positions), (0, 0)]
+    data = jnp.pad(keys.data, padding).reshape(*lead, blocks, block, half)
+    by_channel = e2m1.pack(jnp.swapaxes(e2m1.unpack(data), -1, -2))  # [..., blocks, D, bs/2]
+    scales = jnp.pad(keys.scales, padding).reshape(*lead, blocks, head_dim, 1)
+    values = keys.codec.decode(by_channel, scales, keys.global_scale)  # [..., blocks, D, bs]
+    values = jnp.swapaxes(values, -1, -2).reshape(*lead, blocks * block, head_dim)
+    return values[..., :positions, :]

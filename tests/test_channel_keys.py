@@ -58,14 +58,14 @@ def llama():
 
 def test_one_pass_scoring_equals_decode_through_a_cache_staging_its_key_blocks(llama):
     with np.load(FIXTURES / "llama" / "golden.npz") as golden:
-        input_ids = golden["input_ids"][:1, :32]
+        input_ids = golden["input_ids"][:1, :30]  # the last block never fills
     recipe = recipe_from_name("nvfp4+channel_keys+recent=16+hadamard")
     scored = np.asarray(score_window(llama, input_ids, recipe).nll[0])
 
     decode_step = nnx.jit(lambda model, token, cache: model(token, cache=cache))
-    cache = recipe.build_cache(llama, 1, 32)
+    cache = recipe.build_cache(llama, 1, 30)
     decoded = []
-    for t in range(31):
+    for t in range(29):
         logits, cache = decode_step(llama, input_ids[:, t : t + 1], cache)
         decoded.append(-jax.nn.log_softmax(logits[0, 0])[input_ids[0, t + 1]])
     np.testing.assert_allclose(scored, decoded, rtol=1e-5, atol=1e-5)
@@ -82,5 +82,5 @@ def test_keys_per_channel_need_a_packed_format_and_a_window_that_stages_a_block(
         C.init_cache("smollm2-135m", 1, 32, "fp8_e4m3", per_channel_keys=True, keep_recent=16)
     with pytest.raises(ValueError, match="per_channel_keys: needs keep_recent >= 16"):
         C.init_cache("smollm2-135m", 1, 32, "nvfp4", per_channel_keys=True, keep_recent=8)
-    with pytest.raises(ValueError, match="max_len a multiple of 32"):
-        C.init_cache("smollm2-135m", 1, 48, "mxfp4", per_channel_keys=True, keep_recent=32)
+    with pytest.raises(ValueError, match="per_channel_keys: needs keep_recent >= 32"):
+        C.init_cache("smollm2-135m", 1, 48, "mxfp4", per_channel_keys=True, keep_recent=16)
