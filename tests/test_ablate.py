@@ -73,23 +73,30 @@ def _rows(results):
 
 
 @pytest.mark.parametrize(
-    "row", ["fp4_e2m1", "nvfp4+hadamard+hadamard_v", "nvfp4+values_only", "fp4_e2m1+first=2+recent=3+hadamard"]
+    "row, length",
+    [
+        ("fp4_e2m1", 12),
+        ("nvfp4+hadamard+hadamard_v", 12),
+        ("nvfp4+values_only", 12),
+        ("fp4_e2m1+first=2+recent=3+hadamard", 12),
+        ("nvfp4+channel_keys+recent=16+hadamard", 30),  # key blocks fill at 15, never at 29
+    ],
 )
-def test_one_pass_window_score_equals_token_by_token_decode_through_the_same_cache(llama, row):
+def test_one_pass_window_score_equals_token_by_token_decode_through_the_same_cache(llama, row, length):
     with np.load(FIXTURES / "llama" / "golden.npz") as golden:
-        input_ids = golden["input_ids"][:1, :12]
+        input_ids = golden["input_ids"][:1, :length]
     recipe = recipe_from_name(row)
     scored = np.asarray(score_window(llama, input_ids, recipe).nll[0])
 
     decode_step = nnx.jit(lambda model, token, cache: model(token, cache=cache))
-    cache = recipe.build_cache(llama, 1, 12)
+    cache = recipe.build_cache(llama, 1, length)
     decoded = []
-    for t in range(11):
+    for t in range(length - 1):
         logits, cache = decode_step(llama, input_ids[:, t : t + 1], cache)
         decoded.append(-jax.nn.log_softmax(logits[0, 0])[input_ids[0, t + 1]])
     np.testing.assert_allclose(scored, decoded, rtol=1e-5, atol=1e-5)
 
-    no_cache = -jax.nn.log_softmax(llama(input_ids)[0, :-1])[np.arange(11), input_ids[0, 1:]]
+    no_cache = -jax.nn.log_softmax(llama(input_ids)[0, :-1])[np.arange(length - 1), input_ids[0, 1:]]
     assert np.abs(scored - np.asarray(no_cache)).max() > 1e-3  # the cache's FP4 is really read
 
 
