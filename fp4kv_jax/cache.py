@@ -356,10 +356,10 @@ def _write_kept(lc: LayerCache, kept: jax.Array, new: jax.Array, lengths, counts
     real = jnp.arange(chunk)[None, :] < counts[:, None]
     dropped = kept.shape[2]  # an out-of-range slot: the write is dropped
     first = jnp.where(real & (positions < lc.keep_first), positions, dropped)
-    newest = real & (positions >= (lengths + counts)[:, None] - lc.keep_recent)
-    ring = jnp.where(newest, lc.keep_first + positions % max(lc.keep_recent, 1), dropped)
-    if lc.keep_recent == 0:
-        ring = jnp.full_like(ring, dropped)
+    ring = jnp.full_like(positions, dropped)
+    if lc.keep_recent:
+        newest = real & (positions >= (lengths + counts)[:, None] - lc.keep_recent)
+        ring = jnp.where(newest, lc.keep_first + positions % lc.keep_recent, dropped)
     values = new.astype(kept.dtype).transpose(0, 2, 1, 3)
 
     def per_sequence(stored, slots_first, slots_ring, chunk_values):

@@ -74,7 +74,7 @@ def decode_attention(
             f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
         )
     batch, num_heads, head_dim = _check(q, layer, lengths, sinks)
-    if kept and implementation != "reference":
+    if implementation != "reference":
         tiles.refuse_kept_positions(layer, implementation)
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     if layer.keys_rotated:
