@@ -162,13 +162,13 @@ PTX_E4M3_SCALE = (
     f"cvt.f32.f16 f, lo;\nmul.f32 f, f, 0f{(127 - PLANE_EXPONENT) << 23:08X};\n"
     "cvt.rn.bf16.f32 b, f;\nmov.b32 $0, {b, b};\n}"
 )
-# `Codec.plane_scale_pair_ptx` for e4m3 block scales: the same, two at a time.
+# `Codec.plane_scale_pair_ptx` for e4m3 block scales: the same, two at a time, with
+# the power of two applied to the bf16 pair (exact: it stays within bf16's range).
 PTX_E4M3_SCALE_PAIR = (
-    "{\n.reg .b32 x, pair;\n.reg .b16 sb, lo, hi;\n.reg .f32 f0, f1;\n"
+    "{\n.reg .b32 x, pair, unscaled, power;\n.reg .b16 sb, lo, hi;\n.reg .f32 f0, f1;\n"
     "prmt.b32 x, $1, $2, 0x3340;\ncvt.u16.u32 sb, x;\ncvt.rn.f16x2.e4m3x2 pair, sb;\nmov.b32 {lo, hi}, pair;\n"
-    "cvt.f32.f16 f0, lo;\ncvt.f32.f16 f1, hi;\n"
-    f"mul.f32 f0, f0, 0f{(127 - PLANE_EXPONENT) << 23:08X};\nmul.f32 f1, f1, 0f{(127 - PLANE_EXPONENT) << 23:08X};\n"
-    "cvt.rn.bf16x2.f32 $0, f1, f0;\n}"
+    "cvt.f32.f16 f0, lo;\ncvt.f32.f16 f1, hi;\ncvt.rn.bf16x2.f32 unscaled, f1, f0;\n"
+    f"mov.b32 power, {((127 - PLANE_EXPONENT) << 7) * 0x10001:#010x};\nmul.rn.bf16x2 $0, unscaled, power;\n}}"
 )
 
 
@@ -192,21 +192,42 @@ and.b32 hi, $4, 0xF0F0F0F0;
 ) + "mov.b32 $0, y0;\nmov.b32 $1, y1;\nmov.b32 $2, y2;\nmov.b32 $3, y3;\n}"  # outputs last: they may share inputs' registers
 
 
+# The decode of `PTX_WORD_PLANES` for two codes 16 bits apart, lane by lane: `src`
+# masked to one nibble a 16-bit half (at bits 0-3, or 4-7 when `high`), spread by one
+# multiply, masked to the bf16 bits and scaled by the bf16 pair `scale`, into `out`.
+def _ptx_half_pair(out: str, src: str, high: bool, scale: str) -> str:
+    mask, factor = ("0x00F000F0", 260) if high else ("0x000F000F", 4160)
+    return (
+        f"and.b32 x, {src}, {mask};\nmul.lo.u32 x, x, {factor};\n"
+        f"and.b32 x, x, 0x81C081C0;\nmul.rn.bf16x2 {out}, x, {scale};\n"
+    )
+
+
+# PTX decoding the 8 codes of one 32-bit word (byte i holds channels 2i, low nibble,
+# and 2i + 1) into 4 bf16 pairs $n = (channel n, channel n + 4), n = 0..3; $4 the
+# word, $5 the bf16 scale pair. Channels n and n + 4 sit 16 bits apart, so no byte
+# permute is needed: one shift brings bytes 1 and 3 down for channels 2, 3, 6, 7.
+PTX_WORD_HALF_PAIRS = (
+    "{\n.reg .b32 down, x, y0, y1, y2, y3;\nshr.u32 down, $4, 8;\n"
+    + "".join(_ptx_half_pair(f"y{n}", "$4" if n < 2 else "down", n % 2 == 1, "$5") for n in range(4))
+    + "".join(f"mov.b32 ${n}, y{n};\n" for n in range(4))
+    + "}"
+)
+
+
 # PTX decoding the same 8 columns of two rows a and b into 8 bf16 pairs (row a, row b):
 # $n is column n (n = 0..7) of the word pair $8 (row a) and $9 (row b); $10 the bf16
 # pair (scale of a, scale of b). Pairing rows rather than columns is the operand
-# layout mma.sync wants when positions are its K. The byte permute that pairs the two
-# rows also zeroes the high bytes: a selector nibble of 8 copies the sign of a byte
-# of the masked low word, which is 0. Then the multiply of `PTX_WORD_PLANES`.
+# layout mma.sync wants when positions are its K. A byte permute puts bytes i, i + 1
+# of a in the low half and of b in the high half; then `PTX_WORD_HALF_PAIRS`'s decode.
 PTX_ROW_PAIR_COLUMNS = (
-    "{\n.reg .b32 la, lb, ha, hb, x, " + ", ".join(f"y{n}" for n in range(8)) + ";\n"
-    "and.b32 la, $8, 0x0F0F0F0F;\nand.b32 lb, $9, 0x0F0F0F0F;\n"
-    "shr.u32 ha, $8, 4;\nand.b32 ha, ha, 0x0F0F0F0F;\nshr.u32 hb, $9, 4;\nand.b32 hb, hb, 0x0F0F0F0F;\n"
+    "{\n.reg .b32 p, down, x, " + ", ".join(f"y{n}" for n in range(8)) + ";\n"
     + "".join(
-        f"prmt.b32 x, {a}, {b}, {0x8080 | byte | (4 + byte) << 8:#06x};\nmul.lo.u32 x, x, 4160;\n"
-        f"and.b32 x, x, 0x81C081C0;\nmul.rn.bf16x2 y{2 * byte + high}, x, $10;\n"
-        for byte in range(4)
-        for high, (a, b) in enumerate([("la", "lb"), ("ha", "hb")])
+        f"prmt.b32 p, $8, $9, {selector:#06x};\nshr.u32 down, p, 8;\n"
+        + "".join(
+            _ptx_half_pair(f"y{4 * part + n}", "p" if n < 2 else "down", n % 2 == 1, "$10") for n in range(4)
+        )
+        for part, selector in enumerate((0x5410, 0x7632))
     )
     + "".join(f"mov.b32 ${n}, y{n};\n" for n in range(8))
     + "}"

@@ -1,26 +1,31 @@
 """Flash-decoding over a packed FP4 layer with one warp a split: the E2M1 decode goes
 straight into mma.sync's operand registers (Mosaic GPU lowering, Hopper).
 
-Grid (split, kv_head, batch) of one warpgroup; each of its 4 warps takes every 4th
-block of 32 positions of the split and keeps its own softmax state, so the loop has no
-shared memory, no barrier and no cross-warp reduction. Per block a warp
+Grid (split, kv_head, batch) of `warpgroups` warpgroups; each of its W warps takes
+every W-th block of 32 positions of the split and keeps its own softmax state, so the
+loop has no shared memory, no barrier and no cross-warp reduction. Per block a warp
 
   1. loads its lanes' packed bytes and block scales from global memory (the next
      block's while it works on this one: `prefetch`),
   2. decodes the keys into the A registers of S^T [positions, heads] = K q^T,
      mma.sync m16n8k16 with the GQA group's query heads as N (8, or 16 in two tiles),
   3. takes the online softmax in base 2 (the queries carry log2 e); a head's scores
-     lie in the 8 lanes of one t,
+     lie in the 8 lanes of one t. The running peak moves, and the output is rescaled,
+     only when some head's block peak passes it by more than RESCALE_THRESHOLD (a
+     warp-uniform branch): until then the weights may reach 2**RESCALE_THRESHOLD,
+     which float32 sums and bf16 weights hold exactly as well,
   4. moves the bf16 weights into mma's B layout (`movmatrix`, a transpose in
      registers) and decodes the values in position pairs into the A registers of
      O^T [D, heads] += V^T P^T.
-At the end the 4 warps merge their states in shared memory; the splits' states are
-merged in XLA with the sinks (`splits.merge`).
+At the end the W warps merge their states in shared memory. With one split the
+program then writes the normalized output itself (the sinks join its denominator);
+with more, the splits' states are merged in XLA with the sinks (`splits.merge`).
 
 Which lane holds what, for lane (g, t) = (lane // 4, lane % 4):
   keys    D/8 packed bytes at byte (D/8) t of positions g, g + 8 (+ 16); its word j
-          decodes into two planes (`e2m1.PTX_WORD_PLANES`) and k-step s = 2 j + p takes
-          plane p, so column k of k-step s holds channel `key_channel(D, s, k)`; the
+          decodes into the channel pairs (n, n + 4) of its 8 channels
+          (`e2m1.PTX_WORD_HALF_PAIRS`), and k-step s = 2 j + p takes pairs 2p and
+          2p + 1, so column k of k-step s holds channel `key_channel(D, s, k)`; the
           queries are paired in that order (any order serves if both follow it).
   values  D/16 packed bytes at byte (D/16) g of positions 2t, 2t + 1, 2t + 8, 2t + 9
           (+ 16), decoded in row pairs (`e2m1.PTX_ROW_PAIR_COLUMNS`): channels
@@ -40,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith, gpu, llvm
+from jax._src.lib.mlir.dialects import arith, gpu, llvm, scf
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -50,7 +55,12 @@ from fp4kv_jax.kernels import tiles
 from fp4kv_jax.kernels.decode_attention import splits
 
 BLOCK = 32  # positions a warp takes at a time: two mma tiles of 16
-WARPS = 4
+WARPGROUP_WARPS = 4
+# Warps an SM holds at once at the 156 registers a thread ptxas gives programs of up
+# to 3 warpgroups (measured): three programs of 1, or one of 3. A program of 4 is held
+# to 128 registers and fills an SM alone.
+RESIDENT_WARPS = 12
+RESCALE_THRESHOLD = 8.0  # log2 units: weights stay at most 256 between rescales
 SUPPORTED_FORMATS = splits.PACKED_FP4_FORMATS
 COMPILER_PARAMS = plgpu.CompilerParams(
     lowering_semantics=mgpu.LoweringSemantics.Lane, unsafe_no_auto_barriers=True
@@ -78,7 +88,7 @@ def key_channel(head_dim: int, step: int, k):
     """The channel in column k (0..15) of the keys' mma k-step `step` (and of the
     queries' row k): lane t = (k % 8) // 2 holds it, from its word step // 2."""
     t, pair_lane, upper = (k % 8) // 2, k % 2, k // 8
-    return (head_dim // 4) * t + 8 * (step // 2) + 4 * upper + 2 * pair_lane + step % 2
+    return (head_dim // 4) * t + 8 * (step // 2) + 2 * (step % 2) + upper + 4 * pair_lane
 
 
 class _Emitter:
@@ -121,13 +131,35 @@ class _Emitter:
         return list(mgpu_utils.inline_ptx(ptx, address, result_types=[self.i32] * words))
 
     def store(self, address, values, *, space="global", predicate=None):
-        """Store of 1 or 4 float32 values to global or shared memory."""
+        """Store of 1, 2 or 4 float32 values or i32 words to global or shared memory."""
+        kind = "f32" if values[0].type == self.f32 else "b32"
         if len(values) == 1:
-            mgpu_utils.inline_ptx(f"st.{space}.f32 [$0], $1;", address, values[0], predicate=predicate)
-            return
-        mgpu_utils.inline_ptx(
-            f"st.{space}.v4.f32 [$0], {{$1, $2, $3, $4}};", address, *values, has_side_effects=True
-        )
+            ptx = f"st.{space}.{kind} [$0], $1;"
+        else:
+            operands = ", ".join(f"${i + 1}" for i in range(len(values)))
+            ptx = f"st.{space}.v{len(values)}.{kind} [$0], {{{operands}}};"
+        mgpu_utils.inline_ptx(ptx, address, *values, predicate=predicate, has_side_effects=True)
+
+    def any_lane(self, flag):
+        """Whether flag (i1) holds in any lane of the warp: i1, the same in every lane."""
+        ptx = "{\n.reg .pred p, q;\nsetp.ne.u32 p, $1, 0;\nvote.sync.any.pred q, p, 0xffffffff;\nselp.u32 $0, 1, 0, q;\n}"
+        word = mgpu_utils.inline_ptx(ptx, arith.extui(self.i32, flag), result_types=self.i32, convergent=True)
+        return arith.cmpi(arith.CmpIPredicate.ne, word, self.int(0))
+
+    def barrier(self):
+        """All the program's threads meet (and see each other's shared-memory stores)."""
+        mgpu_utils.inline_ptx("bar.sync 0;", has_side_effects=True, convergent=True)
+
+    def update_if(self, condition, update, values):
+        """scf.if: update(), a nested list shaped like values, where condition (i1,
+        warp-uniform) holds; values unchanged elsewhere."""
+        leaves, tree = jax.tree.flatten(values)
+        op = scf.IfOp(condition, [v.type for v in leaves], has_else=True)
+        with ir.InsertionPoint(op.then_block):
+            scf.yield_(jax.tree.leaves(update()))
+        with ir.InsertionPoint(op.else_block):
+            scf.yield_(leaves)
+        return jax.tree.unflatten(tree, list(op.results))
 
     def shared_address(self, ref):
         return llvm.ptrtoint(self.i32, mgpu_utils.memref_ptr(ref))
@@ -183,10 +215,13 @@ class _Emitter:
         return out
 
 
-def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, ring, prefetch, kv_heads, num_splits):
+def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, ring, prefetch, kv_heads,
+          num_splits, warps, sinks, out_dtype, sm_scale):
     """The kernel body for one thread (see the module docstring); refs are the
     kernel's operands, outputs and shared scratch in `decode_attention`'s order."""
-    lengths, q_ref, q_scale_ref, k_data, k_scales, v_data, v_scales, out, peaks, totals, o_smem, ml_smem = refs
+    lengths, q_ref, k_global, v_global, k_data, k_scales, v_data, v_scales, *refs = refs
+    sink_ref = refs.pop(0) if sinks else None
+    *outputs, o_smem, ml_smem = refs
     e = _Emitter()
     i32, c = e.i32, e.int
     D = head_dim
@@ -194,7 +229,7 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
 
     thread = mgpu_utils.thread_idx()
     lane = arith.andi(thread, c(31))
-    warp = arith.andi(arith.shrui(thread, c(5)), c(WARPS - 1))
+    warp = arith.shrui(thread, c(5))
     g, t = arith.shrui(lane, c(2)), arith.andi(lane, c(3))
     # Pallas launches its grid (split, kv_head, batch) reversed: batch is CUDA's x.
     block_id = lambda dim: arith.index_cast(i32, gpu.block_id(dim))
@@ -210,7 +245,7 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
     nonempty = arith.cmpi(arith.CmpIPredicate.sgt, hi, lo)
     last = arith.select(nonempty, arith.divsi(arith.addi(hi, c(BLOCK - 1)), c(BLOCK)), first)
     mine = arith.maxsi(arith.subi(arith.subi(last, first), warp), c(0))
-    iterations = arith.divui(arith.addi(mine, c(WARPS - 1)), c(WARPS))
+    iterations = arith.divui(arith.addi(mine, c(warps - 1)), c(warps))
 
     # Keys: lane (g, t) reads D/8 bytes at byte (D/8) t of positions g (+ 8, 16, 24),
     # covering `key_blocks` block scales; values: D/16 bytes at byte (D/16) g of
@@ -266,8 +301,10 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
         words = D // 32
         return [pairs[j * len(pairs) // words] for j in range(words)]
 
+    span = arith.subi(hi, lo)
+
     def valid(p):
-        ok = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, p, lo), arith.cmpi(arith.CmpIPredicate.slt, p, hi))
+        ok = arith.cmpi(arith.CmpIPredicate.ult, arith.subi(p, lo), span)  # lo <= p < hi
         if ring and window is not None:
             newest = arith.subi(length, c(1))
             position = arith.subi(newest, arith.remsi(arith.subi(newest, p), c(capacity)))
@@ -276,10 +313,11 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
 
     # Queries: lane (g, t) reads channels [(D/4) t, (D/4) (t + 1)) of head 8 nt + g of
     # its group (zero past the group), scales them, and pairs them into mma's B
-    # registers for k-step s = 2 j + p: channels (b + p, b + 2 + p) and (b + 4 + p,
-    # b + 6 + p) of b = (D/4) t + 8 j, the order `key_channel` gives the keys.
-    [q_scale] = e.load(e.address(q_scale_ref), 4)
-    q_scale = arith.bitcast(e.f32, q_scale)
+    # registers for k-step s = 2 j + p: channels (b + 2p, b + 2p + 4) and (b + 2p + 1,
+    # b + 2p + 5) of b = (D/4) t + 8 j, the order `key_channel` gives the keys.
+    # The queries carry the softmax scale, log2 e (base-2 softmax) and K's plane factor.
+    k_factor = arith.bitcast(e.f32, e.load(e.address(k_global), 4)[0])
+    q_scale = arith.mulf(k_factor, e.float(sm_scale * math.log2(math.e) * 2.0**-codec.plane_exponent))
     queries = []  # [head tile][k-step] -> (b0b1, b2b3)
     for nt in range(head_tiles):
         in_group = arith.addi(g, c(8 * nt))
@@ -291,26 +329,28 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
         q_lane = e.at(e.address(q_ref), arith.addi(arith.muli(q_row, c(2 * D)), arith.muli(t, c(D // 2))))
         words = [w for part in range(D // 32) for w in e.load(q_lane, 16, 16 * part)]
         words = [arith.select(present, e.scaled_bf16_pair(w, q_scale), c(0)) for w in words]
-        selectors = (0x5410, 0x7632)  # the low or the high bf16 of two words
+        low, high = 0x5410, 0x7632  # the low or the high bf16 of two words
         queries.append(
             [
-                (e.permute(words[4 * j], words[4 * j + 1], selectors[p]),
-                 e.permute(words[4 * j + 2], words[4 * j + 3], selectors[p]))
+                (e.permute(words[4 * j + p], words[4 * j + 2 + p], low),
+                 e.permute(words[4 * j + p], words[4 * j + 2 + p], high))
                 for j, p in (divmod(s, 2) for s in range(D // 16))
             ]
         )
 
-    masked, zero = e.float(tiles.MASKED), e.float(0.0)
+    # Masked scores are -inf, so their weights are 0 under any peak; the peaks start
+    # finite (MASKED), so a fully masked block leaves them there.
+    unseen, masked, zero = e.float(-math.inf), e.float(tiles.MASKED), e.float(0.0)
 
     def attend(block, raw, state):
         outs, peaks_, totals_ = state
         keys, values = raw
         position0 = arith.muli(block, c(BLOCK))
         # Keys -> A registers [mt][s] (rows g, g + 8 of each k-step's two halves).
-        planes = [
+        decoded = [
             [
                 [
-                    mgpu_utils.inline_ptx(e2m1.PTX_WORD_PLANES, word, sc, result_types=[i32] * 4)
+                    mgpu_utils.inline_ptx(e2m1.PTX_WORD_HALF_PAIRS, word, sc, result_types=[i32] * 4)
                     for word, sc in zip(words, key_scales(scale_bytes))
                 ]
                 for words, scale_bytes in tile
@@ -319,8 +359,8 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
         ]
         key_operands = [
             [
-                [planes[mt][0][s // 2][2 * (s % 2)], planes[mt][1][s // 2][2 * (s % 2)],
-                 planes[mt][0][s // 2][2 * (s % 2) + 1], planes[mt][1][s // 2][2 * (s % 2) + 1]]
+                [decoded[mt][0][s // 2][2 * (s % 2)], decoded[mt][1][s // 2][2 * (s % 2)],
+                 decoded[mt][0][s // 2][2 * (s % 2) + 1], decoded[mt][1][s // 2][2 * (s % 2) + 1]]
                 for s in range(D // 16)
             ]
             for mt in range(2)
@@ -347,33 +387,51 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
                     columns[0][u][2 * m], columns[0][u][2 * m + 1], columns[1][u][2 * m], columns[1][u][2 * m + 1]
                 ]
 
-        new_outs, new_peaks, new_totals = [], [], []
+        scores = []  # [nt][mt] -> 4 floats (rows g, g + 8; heads 8 nt + 2t, 8 nt + 2t + 1)
         for nt in range(head_tiles):
-            scores = []  # [mt] -> 4 floats (rows g, g + 8; heads 2t, 2t + 1)
+            scores.append([])
             for mt in range(2):
                 acc = [zero] * 4
                 for s in range(D // 16):
                     acc = e.mma(key_operands[mt][s], queries[nt][s], acc)
-                scores.append([arith.select(ok[mt][i // 2], acc[i], masked) for i in range(4)])
-            weights = [[None] * 4 for _ in range(2)]
-            corrections, peaks_nt, totals_nt = [], [], []
-            for h in range(2):  # heads 2t + h
-                block_peak = e.max([scores[mt][2 * rr + h] for mt in range(2) for rr in range(2)])
+                scores[nt].append([arith.select(ok[mt][i // 2], acc[i], unseen) for i in range(4)])
+        block_peaks = []  # [nt][h] for heads 8 nt + 2t + h, common to a t's 8 lanes
+        for nt in range(head_tiles):
+            block_peaks.append([])
+            for h in range(2):
+                block_peak = e.max([scores[nt][mt][2 * rr + h] for mt in range(2) for rr in range(2)])
                 for distance in (4, 8, 16):
                     block_peak = arith.maximumf(block_peak, mgpu_utils.shfl_bfly(block_peak, distance))
-                peak = arith.maximumf(peaks_[nt][h], block_peak)
-                correction = e.exp2(arith.subf(peaks_[nt][h], peak))
-                for mt in range(2):
-                    for rr in range(2):
-                        w = e.exp2(arith.subf(scores[mt][2 * rr + h], peak))
-                        weights[mt][2 * rr + h] = arith.select(ok[mt][rr], w, zero)
-                total = arith.addf(
-                    arith.mulf(totals_[nt][h], correction),
-                    e.sum([weights[mt][2 * rr + h] for mt in range(2) for rr in range(2)]),
-                )
-                corrections.append(correction)
-                peaks_nt.append(peak)
-                totals_nt.append(total)
+                block_peaks[nt].append(block_peak)
+        passed = [
+            arith.cmpf(arith.CmpFPredicate.OGT, block_peaks[nt][h], arith.addf(peaks_[nt][h], e.float(RESCALE_THRESHOLD)))
+            for nt in range(head_tiles)
+            for h in range(2)
+        ]
+
+        def rescaled():
+            """The state under the block's peaks: outputs and totals times 2**(old - new)."""
+            peaks_new = [[arith.maximumf(peaks_[nt][h], block_peaks[nt][h]) for h in range(2)] for nt in range(head_tiles)]
+            corrections = [
+                [e.exp2(arith.subf(peaks_[nt][h], peaks_new[nt][h])) for h in range(2)] for nt in range(head_tiles)
+            ]
+            outs_new = [
+                [[arith.mulf(x, corrections[nt][i % 2]) for i, x in enumerate(tile)] for tile in outs[nt]]
+                for nt in range(head_tiles)
+            ]
+            totals_new = [[arith.mulf(totals_[nt][h], corrections[nt][h]) for h in range(2)] for nt in range(head_tiles)]
+            return outs_new, peaks_new, totals_new
+
+        outs, peaks_, totals_ = e.update_if(e.any_lane(functools.reduce(arith.ori, passed)), rescaled,
+                                            (outs, peaks_, totals_))
+
+        new_outs, new_totals = [], []
+        for nt in range(head_tiles):
+            weights = [[e.exp2(arith.subf(x, peaks_[nt][i % 2])) for i, x in enumerate(scores[nt][mt])] for mt in range(2)]
+            new_totals.append(
+                [arith.addf(totals_[nt][h], e.sum([weights[mt][2 * rr + h] for mt in range(2) for rr in range(2)]))
+                 for h in range(2)]
+            )
             # P^T in mma's B layout for k-step kk (= key tile kk): a transpose of each
             # 8 x 8 bf16 quarter.
             weight_operands = [
@@ -382,21 +440,19 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
             ]
             tiles_out = []
             for tile in range(D // 16):
-                acc = [arith.mulf(outs[nt][tile][i], corrections[i % 2]) for i in range(4)]
+                acc = outs[nt][tile]
                 for kk in range(2):
                     acc = e.mma(value_operands[tile][kk], weight_operands[kk], acc)
                 tiles_out.append(acc)
             new_outs.append(tiles_out)
-            new_peaks.append(peaks_nt)
-            new_totals.append(totals_nt)
-        return new_outs, new_peaks, new_totals
+        return new_outs, peaks_, new_totals
 
     state = (
         [[[zero] * 4 for _ in range(D // 16)] for _ in range(head_tiles)],
         [[masked] * 2 for _ in range(head_tiles)],
         [[zero] * 2 for _ in range(head_tiles)],
     )
-    block_of = lambda i: arith.addi(first, arith.addi(warp, arith.muli(i, c(WARPS))))
+    block_of = lambda i: arith.addi(first, arith.addi(warp, arith.muli(i, c(warps))))
     last_block = c(capacity // BLOCK - 1)
     loaders = (load_keys, load_values)
     ahead = loaders[:prefetch]  # loaded one block early, while the block before is worked on
@@ -406,7 +462,7 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
     def loop(i, carry):
         early, state = carry
         block = block_of(arith.index_cast(i32, i))
-        upcoming = [f(arith.minsi(arith.addi(block, c(WARPS)), last_block)) for f in ahead]
+        upcoming = [f(arith.minsi(arith.addi(block, c(warps)), last_block)) for f in ahead]
         keys, values = [*early, *(f(block) for f in loaders[prefetch:])]
         return upcoming, attend(block, (keys, values), state)
 
@@ -426,40 +482,83 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
             state_index = arith.addi(arith.muli(warp, c(rows)), arith.addi(c(8 * nt + h), arith.muli(t, c(2))))
             peak_at = arith.addi(ml_at, arith.muli(state_index, c(4)))
             e.store(peak_at, [peaks_[nt][h]], space="shared", predicate=first_of_group)
-            e.store(arith.addi(peak_at, c(4 * WARPS * rows)), [total], space="shared", predicate=first_of_group)
+            e.store(arith.addi(peak_at, c(4 * warps * rows)), [total], space="shared", predicate=first_of_group)
             # Channels (D/8) g + 2 tile + r, contiguous: O^T rows g + 8 r of each tile.
             values = [outs[nt][j // 2][2 * (j % 2) + h] for j in range(D // 8)]
             row_at = arith.addi(o_at, arith.muli(arith.addi(arith.muli(state_index, c(D)), arith.muli(g, c(D // 8))), c(4)))
             for part in range(D // 32):
                 e.store(arith.addi(row_at, c(16 * part)), values[4 * part : 4 * part + 4], space="shared")
-    mgpu_utils.warpgroup_barrier()
+    e.barrier()
 
-    # Thread i merges elements [i E, (i + 1) E) of the program's [rows, D] output.
-    per_thread = rows * D // (32 * WARPS)
-    element0 = arith.muli(arith.andi(thread, c(32 * WARPS - 1)), c(per_thread))
-    r, column0 = arith.divui(element0, c(D)), arith.remui(element0, c(D))
-    state_at = lambda index: arith.addi(arith.addi(ml_at, c(4 * index)), arith.muli(r, c(4)))  # of [2, WARPS, rows]
-    warp_peaks = [e.load_shared(state_at(w * rows), 1)[0] for w in range(WARPS)]
-    best = e.max(warp_peaks)
-    weights = [e.exp2(arith.subf(m, best)) for m in warp_peaks]
-    total = e.sum([arith.mulf(wt, e.load_shared(state_at((WARPS + w) * rows), 1)[0]) for w, wt in enumerate(weights)])
-    merged = [e.float(0.0)] * per_thread
-    for w, wt in enumerate(weights):
-        at = arith.addi(o_at, arith.muli(arith.addi(arith.muli(arith.addi(c(w * rows), r), c(D)), column0), c(4)))
-        parts = [x for part in range(per_thread // 4) for x in e.load_shared(arith.addi(at, c(16 * part)), 4)]
-        merged = [arith.addf(acc, arith.mulf(wt, x)) for acc, x in zip(merged, parts)]
-    state_row = arith.addi(arith.muli(row, arith.constant(e.i64, num_splits)), e.wide(split))
-    index = arith.addi(arith.muli(state_row, arith.constant(e.i64, rows)), e.wide(r))
-    out_at = arith.muli(arith.addi(arith.muli(index, arith.constant(e.i64, D)), e.wide(column0)), arith.constant(e.i64, 4))
-    for part in range(per_thread // 4):
-        e.store(e.address(out, arith.addi(out_at, arith.constant(e.i64, 16 * part))), merged[4 * part : 4 * part + 4])
-    row_leader = arith.cmpi(arith.CmpIPredicate.eq, column0, c(0))
-    index_bytes = arith.muli(index, arith.constant(e.i64, 4))
+    # Thread i of the first warpgroup merges elements [i E, (i + 1) E) of the
+    # program's [rows, D] output.
+    merging = 32 * WARPGROUP_WARPS
+    per_thread = rows * D // merging
+    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, thread, c(merging))):
+        element0 = arith.muli(thread, c(per_thread))
+        r, column0 = arith.divui(element0, c(D)), arith.remui(element0, c(D))
+        state_at = lambda index: arith.addi(arith.addi(ml_at, c(4 * index)), arith.muli(r, c(4)))  # of [2, warps, rows]
+        warp_peaks = [e.load_shared(state_at(w * rows), 1)[0] for w in range(warps)]
+        best = e.max(warp_peaks)
+        if num_splits == 1 and sinks:  # the sink logit, in base 2, joins the denominator
+            head_in_group = arith.minui(r, c(group - 1))
+            sink_at = arith.muli(arith.addi(arith.muli(head, c(group)), head_in_group), c(4))
+            [sink] = e.load(e.at(e.address(sink_ref), sink_at), 4)
+            sink = arith.mulf(arith.bitcast(e.f32, sink), e.float(math.log2(math.e)))
+            best = arith.maximumf(best, sink)
+        weights = [e.exp2(arith.subf(m, best)) for m in warp_peaks]
+        total = e.sum([arith.mulf(wt, e.load_shared(state_at((warps + w) * rows), 1)[0]) for w, wt in enumerate(weights)])
+        merged = [e.float(0.0)] * per_thread
+        for w, wt in enumerate(weights):
+            at = arith.addi(o_at, arith.muli(arith.addi(arith.muli(arith.addi(c(w * rows), r), c(D)), column0), c(4)))
+            parts = [x for part in range(per_thread // 4) for x in e.load_shared(arith.addi(at, c(16 * part)), 4)]
+            merged = [arith.addf(acc, arith.mulf(wt, x)) for acc, x in zip(merged, parts)]
+        if num_splits == 1:
+            _store_output(e, outputs, merged, total, sink if sinks else None, best, v_global, codec, batch, head,
+                          r, column0, group=group, kv_heads=kv_heads, head_dim=D, out_dtype=out_dtype)
+        else:
+            _store_state(e, outputs, merged, total, best, row, split, r, column0, num_splits=num_splits, rows=rows,
+                         head_dim=D)
+
+
+def _store_output(e, outputs, merged, total, sink, best, v_global, codec, batch, head, r, column0, *, group,
+                  kv_heads, head_dim, out_dtype):
+    """Writes a thread's part of row r of the program's normalized output: out [B, Hq,
+    D] in out_dtype (bfloat16 or float32) at head `head * group + r`, for r < group."""
+    [out] = outputs
+    c = e.int
+    denominator = total if sink is None else arith.addf(total, e.exp2(arith.subf(sink, best)))
+    v_factor = arith.mulf(arith.bitcast(e.f32, e.load(e.address(v_global), 4)[0]), e.float(2.0**-codec.plane_exponent))
+    factor = arith.divf(v_factor, denominator)
+    values = [arith.mulf(x, factor) for x in merged]
+    if out_dtype == jnp.bfloat16:
+        values = [e.bf16_pair(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+    query_row = arith.addi(arith.muli(batch, c(kv_heads * group)), arith.addi(arith.muli(head, c(group)), r))
+    element = arith.addi(arith.muli(e.wide(query_row), arith.constant(e.i64, head_dim)), e.wide(column0))
+    at = e.address(out, arith.muli(element, arith.constant(e.i64, jnp.dtype(out_dtype).itemsize)))
+    in_group = arith.cmpi(arith.CmpIPredicate.ult, r, c(group))
+    for part in range(0, len(values), 4):
+        e.store(arith.addi(at, arith.constant(e.i64, 4 * part)), values[part : part + 4], predicate=in_group)
+
+
+def _store_state(e, outputs, merged, total, best, row, split, r, column0, *, num_splits, rows, head_dim):
+    """Writes a thread's part of row r of the program's softmax state: out [B, Hkv,
+    splits, rows, D] unnormalized; peaks (natural log units) and totals [B, Hkv,
+    splits, rows]."""
+    out, peaks, totals = outputs
+    i64 = lambda value: arith.constant(e.i64, value)
+    state_row = arith.addi(arith.muli(row, i64(num_splits)), e.wide(split))
+    index = arith.addi(arith.muli(state_row, i64(rows)), e.wide(r))
+    out_at = arith.muli(arith.addi(arith.muli(index, i64(head_dim)), e.wide(column0)), i64(4))
+    for part in range(len(merged) // 4):
+        e.store(e.address(out, arith.addi(out_at, i64(16 * part))), merged[4 * part : 4 * part + 4])
+    row_leader = arith.cmpi(arith.CmpIPredicate.eq, column0, e.int(0))
+    index_bytes = arith.muli(index, i64(4))
     e.store(e.address(peaks, index_bytes), [arith.mulf(best, e.float(math.log(2.0)))], predicate=row_leader)
     e.store(e.address(totals, index_bytes), [total], predicate=row_leader)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "window", "ring", "num_splits", "prefetch"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "window", "ring", "num_splits", "prefetch", "warpgroups"))
 def decode_attention(
     q: jax.Array,
     k: QuantizedTensor,
@@ -471,12 +570,16 @@ def decode_attention(
     ring: bool,
     sinks: jax.Array | None,
     num_splits: int | None = None,
-    prefetch: int = 2,
+    prefetch: int = 1,
+    warpgroups: int = 4,
 ) -> jax.Array:
     """q [B, Hq, D]; k, v packed FP4 [B, Hkv, S, D]; lengths int32 [B] -> [B, Hq, D] in q's dtype.
 
     prefetch: 0, 1 or 2: none, the keys, or the keys and values of a warp's next block
-    are loaded while it works on the current one (more registers, fewer stalls).
+      are loaded while it works on the current one (more registers, fewer stalls).
+    warpgroups: 1 to 4 warpgroups a program (each of 4 warps). By default one program
+      of 4 fills an SM, so a batch of B Hkv >= the SM count needs no split and no
+      merge outside the kernel. (The fastest at the target shape, docs/benchmarks.md.)
     """
     codec = get_codec(k.fmt)
     batch, num_heads, head_dim = q.shape
@@ -485,37 +588,57 @@ def decode_attention(
     check_supported(k, group)
     if prefetch not in (0, 1, 2):
         raise ValueError(f"prefetch: 0, 1 or 2, got {prefetch!r}.")
+    if warpgroups not in (1, 2, 3, 4):
+        raise ValueError(f"warpgroups: 1, 2, 3 or 4, got {warpgroups!r}.")
+    warps = WARPGROUP_WARPS * warpgroups
     head_tiles = 1 if group <= 8 else 2
     rows = 8 * head_tiles
-    chunk, num_split_programs = splits.plan(batch, kv_heads, capacity, BLOCK * WARPS, num_splits)
+    resident = splits.DEFAULT_SMS * max(1, RESIDENT_WARPS // warps)
+    chunk, num_split_programs = splits.plan_waves(batch, kv_heads, capacity, BLOCK, warps, resident, num_splits)
+    final = num_split_programs == 1
+    out_dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
 
     def kernel(*refs):
         emit = plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))(
             lambda ctx, *refs: _emit(
                 refs, codec=codec, head_dim=head_dim, group=group, head_tiles=head_tiles, chunk=chunk,
                 capacity=capacity, window=window, ring=ring, prefetch=prefetch, kv_heads=kv_heads,
-                num_splits=num_split_programs,
+                num_splits=num_split_programs, warps=warps, sinks=final and sinks is not None,
+                out_dtype=out_dtype, sm_scale=sm_scale,
             )
         )
         emit(*refs)
 
-    # The queries carry the softmax scale, K's plane factor and log2 e (base-2 softmax).
-    q_scale = (np.float32(sm_scale * math.log2(math.e)) * tiles.plane_factor(k)).reshape(1)
+    # The global scales (1 without one) stay arrays of one element, so no XLA op runs
+    # before the kernel; the kernel multiplies in the constant parts of the factors.
+    global_of = lambda x: jnp.ones((1,), jnp.float32) if x.global_scale is None else x.global_scale.reshape(1)
     as_bytes = lambda s: s if s.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(s, jnp.uint8)
-    state = lambda *shape: jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, *shape), jnp.float32)
-    out, peak, total = plgpu.kernel(
+    operands = [
+        lengths.astype(jnp.int32), q.astype(jnp.bfloat16), global_of(k), global_of(v),
+        k.data, as_bytes(k.scales), v.data, as_bytes(v.scales),
+    ]
+    if final:
+        out_type = jax.ShapeDtypeStruct((batch, num_heads, head_dim), out_dtype)
+        if sinks is not None:
+            operands.append(sinks.astype(jnp.float32))
+    else:
+        state = lambda *shape: jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, *shape), jnp.float32)
+        out_type = (state(rows, head_dim), state(rows), state(rows))
+    result = plgpu.kernel(
         kernel,
-        out_type=(state(rows, head_dim), state(rows), state(rows)),
+        out_type=out_type,
         scratch_types=(
-            plgpu.SMEM((WARPS, rows, head_dim), jnp.float32),  # the warps' outputs
-            plgpu.SMEM((2, WARPS, rows), jnp.float32),  # and their peaks and totals
+            plgpu.SMEM((warps, rows, head_dim), jnp.float32),  # the warps' outputs
+            plgpu.SMEM((2, warps, rows), jnp.float32),  # and their peaks and totals
         ),
         grid=(num_split_programs, kv_heads, batch),
         grid_names=("split", "kv_head", "batch"),
+        num_threads=warpgroups,
+        thread_name="warpgroup",
         compiler_params=COMPILER_PARAMS,
-    )(
-        lengths.astype(jnp.int32), q.astype(jnp.bfloat16), q_scale.astype(jnp.float32),
-        k.data, as_bytes(k.scales), v.data, as_bytes(v.scales),
-    )
+    )(*operands)
+    if final:
+        return result.astype(q.dtype)
+    out, peak, total = result
     merged = splits.merge(out[:, :, :, None], peak, total, sinks, group)
     return (merged * tiles.plane_factor(v)).astype(q.dtype)

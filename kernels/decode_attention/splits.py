@@ -65,6 +65,26 @@ def plan(batch: int, kv_heads: int, capacity: int, block_k: int, num_splits: int
     return chunk, pl.cdiv(capacity, chunk)
 
 
+def plan_waves(batch: int, kv_heads: int, capacity: int, block: int, warps: int, resident: int,
+               num_splits: int | None):
+    """(chunk, splits) for programs of `warps` warps taking blocks of `block`
+    positions, `resident` of which run on the GPU at once.
+
+    By default the split count minimizes waves of programs per split (the time, if
+    every block costs the same), over splits that leave each warp a block; a split
+    beyond one must gain a tenth, because its states are merged outside the kernel.
+    """
+    blocks = pl.cdiv(capacity, block)
+    if num_splits is None:
+        programs = batch * kv_heads
+        cost = lambda s: pl.cdiv(programs * s, resident) / s
+        candidates = range(1, max(1, min(blocks // warps, pl.cdiv(2 * resident, programs))) + 1)
+        best = min(candidates, key=cost)
+        num_splits = 1 if cost(1) <= 1.1 * cost(best) else best
+    chunk = pl.cdiv(blocks, num_splits) * block
+    return chunk, pl.cdiv(capacity, chunk)
+
+
 def merge(out, peak, total, sinks, group):
     """Combines per-split (unnormalized out, running max, sum) into float32 [B, Hq, D].
 

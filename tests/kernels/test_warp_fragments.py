@@ -1,4 +1,4 @@
-"""pallas_mosaic_warp's register plan, emulated on CPU: the keys' decoded planes and the
+"""pallas_mosaic_warp's register plan, emulated on CPU: the keys' decoded pairs and the
 queries' bf16 pairs meet in mma.sync m16n8k16 so that every k-step multiplies matching
 channels (the kernel itself runs on GPUs only; its tests are in test_decode_attention)."""
 
@@ -8,33 +8,34 @@ import pytest
 from fp4kv_jax.kernels.decode_attention.pallas_mosaic_warp import key_channel
 
 
-def _key_plane_channels(head_dim, t, word):
-    """Channels of PTX_WORD_PLANES's outputs (even0, even1, odd0, odd1) for word `word`
-    of lane t's D/8 bytes: each output is a pair of channels (low half, high half)."""
+def _key_pair_channels(head_dim, t, word):
+    """Channels of PTX_WORD_HALF_PAIRS's 4 outputs for word `word` of lane t's D/8
+    bytes: output n is the pair (channel n, channel n + 4) of the word's 8 channels
+    (tests/formats/test_register_decode_ptx.py checks the PTX)."""
     base = 2 * (head_dim // 8 * t + 4 * word)  # channel of the word's byte 0, low nibble
-    return [(base + 0, base + 2), (base + 4, base + 6), (base + 1, base + 3), (base + 5, base + 7)]
+    return [(base + n, base + n + 4) for n in range(4)]
 
 
 def _query_pair_channels(head_dim, t, step):
-    """Channels of the kernel's (b0b1, b2b3) for k-step `step`: lane t holds channels
-    [(D/4) t, (D/4)(t + 1)) as bf16 pairs, word i = channels (D/4) t + 2i, + 1, and the
-    selectors 0x5410 / 0x7632 take the low / high halves of words 4j, 4j + 1 (b0b1) and
-    4j + 2, 4j + 3 (b2b3)."""
+    """Channels of the kernel's two query registers for k-step `step` = 2 j + p: lane
+    t holds channels [(D/4) t, (D/4)(t + 1)) as bf16 pairs, word i = channels
+    (D/4) t + 2i, + 1, and the selectors 0x5410 / 0x7632 take the low / high halves of
+    words 4j + p and 4j + 2 + p."""
     j, p = divmod(step, 2)
     word_channels = lambda i: (head_dim // 4 * t + 2 * i, head_dim // 4 * t + 2 * i + 1)
-    pick = lambda a, b: (word_channels(a)[p], word_channels(b)[p])
-    return pick(4 * j, 4 * j + 1), pick(4 * j + 2, 4 * j + 3)
+    first, second = word_channels(4 * j + p), word_channels(4 * j + 2 + p)
+    return (first[0], second[0]), (first[1], second[1])
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_keys_and_queries_pair_the_same_channels(head_dim):
     for t in range(4):
         for step in range(head_dim // 16):
-            planes = _key_plane_channels(head_dim, t, step // 2)
+            pairs = _key_pair_channels(head_dim, t, step // 2)
             p = step % 2
-            # A registers of rows g: a0 = plane p register 0 (k = 2t, 2t + 1), a2 =
-            # register 1 (k = 2t + 8, 2t + 9); B registers b0b1, b2b3 the same k.
-            a0, a2 = planes[2 * p], planes[2 * p + 1]
+            # A registers of rows g: a0 = pair 2p (k = 2t, 2t + 1), a2 = pair 2p + 1
+            # (k = 2t + 8, 2t + 9); B registers b0b1, b2b3 the same k.
+            a0, a2 = pairs[2 * p], pairs[2 * p + 1]
             b01, b23 = _query_pair_channels(head_dim, t, step)
             assert (a0, a2) == (b01, b23)
             ks = np.array([2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9])
