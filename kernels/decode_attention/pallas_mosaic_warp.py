@@ -43,7 +43,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith, gpu, llvm, scf
 from jax.experimental.mosaic import gpu as mgpu
@@ -216,11 +215,11 @@ class _Emitter:
 
 
 def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, ring, prefetch, kv_heads,
-          num_splits, warps, sinks, out_dtype, sm_scale):
+          num_splits, warps, sink_operand, out_dtype, sm_scale):
     """The kernel body for one thread (see the module docstring); refs are the
     kernel's operands, outputs and shared scratch in `decode_attention`'s order."""
     lengths, q_ref, k_global, v_global, k_data, k_scales, v_data, v_scales, *refs = refs
-    sink_ref = refs.pop(0) if sinks else None
+    sink_ref = refs.pop(0) if sink_operand else None  # with one split only
     *outputs, o_smem, ml_smem = refs
     e = _Emitter()
     i32, c = e.i32, e.int
@@ -500,7 +499,8 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
         state_at = lambda index: arith.addi(arith.addi(ml_at, c(4 * index)), arith.muli(r, c(4)))  # of [2, warps, rows]
         warp_peaks = [e.load_shared(state_at(w * rows), 1)[0] for w in range(warps)]
         best = e.max(warp_peaks)
-        if num_splits == 1 and sinks:  # the sink logit, in base 2, joins the denominator
+        sink = None
+        if sink_ref is not None:  # the sink logit, in base 2, joins the denominator
             head_in_group = arith.minui(r, c(group - 1))
             sink_at = arith.muli(arith.addi(arith.muli(head, c(group)), head_in_group), c(4))
             [sink] = e.load(e.at(e.address(sink_ref), sink_at), 4)
@@ -514,7 +514,7 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
             parts = [x for part in range(per_thread // 4) for x in e.load_shared(arith.addi(at, c(16 * part)), 4)]
             merged = [arith.addf(acc, arith.mulf(wt, x)) for acc, x in zip(merged, parts)]
         if num_splits == 1:
-            _store_output(e, outputs, merged, total, sink if sinks else None, best, v_global, codec, batch, head,
+            _store_output(e, outputs, merged, total, sink, best, v_global, codec, batch, head,
                           r, column0, group=group, kv_heads=kv_heads, head_dim=D, out_dtype=out_dtype)
         else:
             _store_state(e, outputs, merged, total, best, row, split, r, column0, num_splits=num_splits, rows=rows,
@@ -603,7 +603,7 @@ def decode_attention(
             lambda ctx, *refs: _emit(
                 refs, codec=codec, head_dim=head_dim, group=group, head_tiles=head_tiles, chunk=chunk,
                 capacity=capacity, window=window, ring=ring, prefetch=prefetch, kv_heads=kv_heads,
-                num_splits=num_split_programs, warps=warps, sinks=final and sinks is not None,
+                num_splits=num_split_programs, warps=warps, sink_operand=final and sinks is not None,
                 out_dtype=out_dtype, sm_scale=sm_scale,
             )
         )
