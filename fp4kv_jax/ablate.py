@@ -28,11 +28,11 @@ from flax import nnx
 
 from fp4kv_jax import cache as kv_cache
 from fp4kv_jax.generate import generate
-from fp4kv_jax.memory import kept_bytes_per_sequence, kv_cache_bytes_per_token, max_cache_tokens
+from fp4kv_jax.memory import fixed_bytes_per_sequence, kv_cache_bytes_per_token, max_cache_tokens
 from fp4kv_jax.recipes import CacheRecipe, recipe_from_name
 
 _GIB = 1024**3
-AMORTIZED_OVER = 8192  # positions over which a recipe's fixed bf16 positions count in its bits
+AMORTIZED_OVER = 8192  # positions over which a recipe's fixed bytes per sequence count in its bits
 REFERENCE = "bf16"
 # The three per-layer tensors whose relative error each row reports, in this order.
 LAYER_TENSORS = ("k", "v", "attention_output")
@@ -285,10 +285,12 @@ def _row(
     relative_error = np.sqrt(tally.squared_error / tally.reference_squared)
     bytes_per_token = kv_cache_bytes_per_token(config, **recipe.storage)
     elements_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
-    # Positions kept in bf16 are a fixed cost per sequence, amortized over 8k positions.
-    kept = kept_bytes_per_sequence(
-        config, recipe.storage.get("keep_first", 0), recipe.storage.get("keep_recent", 0)
-    )
+    # What a sequence holds whatever its length (positions kept in bf16, a mean key) is
+    # amortized over 8k positions.
+    fixed = fixed_bytes_per_sequence(config, **{
+        name: recipe.storage[name] for name in ("keep_first", "keep_recent", "center_keys", "center_values")
+        if name in recipe.storage
+    })
     kl_by_position = kl.mean(axis=0)
     runs = _position_runs(nll.shape[1], settings.position_buckets)
     return {
@@ -301,7 +303,7 @@ def _row(
         "kl": float(kl.mean()),
         "top1_agreement": float(np.stack(tally.top1_match).mean()),
         "greedy_agreement": float(np.mean(greedy_matches)),
-        "bits_per_element": 8 * (bytes_per_token + kept / AMORTIZED_OVER) / elements_per_token,
+        "bits_per_element": 8 * (bytes_per_token + fixed / AMORTIZED_OVER) / elements_per_token,
         "bytes_per_token": bytes_per_token,
         "tokens_in_budget": max_cache_tokens(
             config, budget_bytes=int(settings.budget_gib * _GIB), **recipe.storage

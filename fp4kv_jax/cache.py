@@ -68,6 +68,12 @@ class LayerCache:
       keys_per_channel: whether k's block scales run over blocks of positions, one per
         channel (`fp4kv_jax.channel_keys`); a block is quantized once its last
         position is written, and until then its positions are read from the kept ring.
+      key_mean: float32 [B, Hkv, D] or None: each sequence's keys are stored minus
+        this mean of the first chunk written to it (centered keys). Every score of a
+        query then moves by the same q . mean, which softmax attention without sinks
+        ignores, while the quantized keys lose their common offset.
+      value_mean: the same for values (centered values); attention adds it back to
+        its output, exactly when the weights sum to 1 (no sinks).
     """
 
     k: QuantizedTensor
@@ -81,6 +87,8 @@ class LayerCache:
     keep_first: int = dataclasses.field(default=0, metadata=dict(static=True))
     keep_recent: int = dataclasses.field(default=0, metadata=dict(static=True))
     keys_per_channel: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    key_mean: jax.Array | None = None
+    value_mean: jax.Array | None = None
 
     @property
     def capacity(self) -> int:
@@ -184,6 +192,8 @@ def init_cache(
     keep_first: int = 0,
     keep_recent: int = 0,
     per_channel_keys: bool = False,
+    center_keys: bool = False,
+    center_values: bool = False,
 ) -> KVCache:
     """An empty cache for `config` (a ModelConfig, built-in id or HF directory).
 
@@ -210,6 +220,10 @@ def init_cache(
         KVQuant; `fp4kv_jax.channel_keys`), for packed FP4 key formats; the recent
         window stages a block until it fills, so keep_recent must be at least the
         format's block size.
+      center_keys, center_values: store each sequence's keys (values) minus the mean
+        key (value) of the first chunk written to it (`LayerCache.key_mean`,
+        `value_mean`): exact in attention without sinks. Not combined with
+        keep_first, keep_recent or per_channel_keys.
     """
     config = get_config(config)
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):
@@ -224,6 +238,11 @@ def init_cache(
     )
     if rotate_keys or rotate_values:
         hadamard_matrix(config.head_dim)  # refuses a head_dim that is not a power of two
+    if (center_keys or center_values) and (kept or per_channel_keys):
+        raise ValueError(
+            "center_keys, center_values: not combined with keep_first, keep_recent or "
+            "per_channel_keys, whose full-precision copies hold the keys and values as written."
+        )
     layers = []
     for layer, (key_fmt, value_fmt) in enumerate(zip(key_formats, value_formats)):
         for fmt in (key_fmt, value_fmt):
@@ -246,10 +265,14 @@ def init_cache(
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
         kept_shape = (batch_size, config.num_kv_heads, kept, config.head_dim)
         kept_k, kept_v = (jnp.zeros(kept_shape, jnp.bfloat16) for _ in range(2)) if kept else (None, None)
+        mean = lambda centered: (
+            jnp.zeros((batch_size, config.num_kv_heads, config.head_dim), jnp.float32) if centered else None
+        )
         layers.append(
             LayerCache(
                 empty_tensor(key_fmt, shape), empty_tensor(value_fmt, shape), window, ring,
                 rotate_keys, rotate_values, kept_k, kept_v, keep_first, keep_recent, per_channel_keys,
+                mean(center_keys), mean(center_values),
             )
         )
     return KVCache(
@@ -319,17 +342,24 @@ def write_layer(
     if _is_concrete(cache.lengths) and bool(jnp.any(cache.lengths + counts > cache.max_len)):
         raise CacheOverflowError(_overflow_message(cache, counts))
 
+    # Tokens past max_len are dropped; `advance` flags the overflow.
+    fitting = jnp.minimum(counts, jnp.maximum(cache.max_len - cache.lengths, 0))
+    key_mean, value_mean = lc.key_mean, lc.value_mean
+    if key_mean is not None:
+        key_mean = _first_chunk_mean(key_mean, k, cache.lengths, fitting)
+        k = k.astype(jnp.float32) - key_mean[:, None]
+    if value_mean is not None:
+        value_mean = _first_chunk_mean(value_mean, v, cache.lengths, fitting)
+        v = v.astype(jnp.float32) - value_mean[:, None]
     if lc.keys_rotated:
         k = hadamard_rotate(k)
     if lc.values_rotated:
         v = hadamard_rotate(v)
-    # Tokens past max_len are dropped; `advance` flags the overflow.
-    fitting = jnp.minimum(counts, jnp.maximum(cache.max_len - cache.lengths, 0))
 
     def write(stored, new):
         return quantize_into_cache(new, stored, cache.lengths, num_tokens=fitting, ring=lc.ring)
 
-    written = dataclasses.replace(lc, k=write(lc.k, k), v=write(lc.v, v))
+    written = dataclasses.replace(lc, k=write(lc.k, k), v=write(lc.v, v), key_mean=key_mean, value_mean=value_mean)
     if lc.keys_per_channel:
         written = dataclasses.replace(written, k=_write_key_blocks(lc, written.k, k, cache.lengths, fitting))
     if lc.keeps_positions:
@@ -345,6 +375,15 @@ def write_layer(
     bad = jnp.any(kept & ~jnp.isfinite(k)) | jnp.any(kept & ~jnp.isfinite(v))
     layers = cache.layers[:layer] + (written,) + cache.layers[layer + 1 :]
     return dataclasses.replace(cache, layers=layers, nonfinite=cache.nonfinite | bad)
+
+
+def _first_chunk_mean(mean: jax.Array, x: jax.Array, lengths, counts) -> jax.Array:
+    """mean [B, Hkv, D], with the mean of the chunk x [B, T, Hkv, D] (its first
+    `counts` tokens) for each sequence the chunk starts (length 0); kept elsewhere."""
+    real = (jnp.arange(x.shape[1])[None, :] < counts[:, None])[:, :, None, None]
+    chunk_mean = jnp.sum(jnp.where(real, x.astype(jnp.float32), 0.0), axis=1) / jnp.maximum(counts, 1)[:, None, None]
+    starts = (lengths == 0) & (counts > 0)
+    return jnp.where(starts[:, None, None], chunk_mean, mean)
 
 
 def _write_kept(lc: LayerCache, kept: jax.Array, new: jax.Array, lengths, counts) -> jax.Array:
@@ -505,6 +544,10 @@ def read_layer(
     # The rotation is its own inverse.
     k = hadamard_rotate(k) if lc.keys_rotated else k
     v = hadamard_rotate(v) if lc.values_rotated else v
+    if lc.key_mean is not None:
+        k = (k + lc.key_mean[:, :, None]).astype(dtype)
+    if lc.value_mean is not None:
+        v = (v + lc.value_mean[:, :, None]).astype(dtype)
     return k, v, slot_positions(cache, layer)
 
 

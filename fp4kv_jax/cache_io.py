@@ -25,7 +25,8 @@ def _layout(cache: KVCache) -> dict:
                 "window": lc.window, "ring": lc.ring,
                 "keys_rotated": lc.keys_rotated, "values_rotated": lc.values_rotated,
                 "keep_first": lc.keep_first, "keep_recent": lc.keep_recent,
-                "keys_per_channel": lc.keys_per_channel,
+                "keys_per_channel": lc.keys_per_channel, "keys_centered": lc.key_mean is not None,
+                "values_centered": lc.value_mean is not None,
             }
             for lc in cache.layers
         ],
@@ -36,6 +37,11 @@ def _kept_buffer(spec: dict):
     kept = spec.get("keep_first", 0) + spec.get("keep_recent", 0)
     batch, heads, _, head_dim = spec["shape"]
     return jnp.zeros((batch, heads, kept, head_dim), jnp.bfloat16) if kept else None
+
+
+def _mean_buffer(spec: dict, flag: str):
+    batch, heads, _, head_dim = spec["shape"]
+    return jnp.zeros((batch, heads, head_dim), jnp.float32) if spec.get(flag, False) else None
 
 
 def _empty_from_layout(layout: dict) -> KVCache:
@@ -52,6 +58,8 @@ def _empty_from_layout(layout: dict) -> KVCache:
             spec.get("keep_first", 0),
             spec.get("keep_recent", 0),
             spec.get("keys_per_channel", False),
+            _mean_buffer(spec, "keys_centered"),
+            _mean_buffer(spec, "values_centered"),
         )
         for spec in layout["layers"]
     )

@@ -37,15 +37,18 @@ def kv_cache_bytes_per_token(
     bf16_layers: Sequence[int] = (),
     keep_first: int = 0,
     keep_recent: int = 0,
+    center_keys: bool = False,
+    center_values: bool = False,
 ) -> int:
     """Bytes that one more token of one sequence costs across all layers.
 
     Equals 2 * layers * kv_heads * head_dim * bits / 8 with the block scales counted in
     the bits. Sliding layers count too: this is the cache without trimmed windows.
-    key_dtype, value_dtype and bf16_layers are `init_cache`'s; keep_first and
-    keep_recent cost a fixed `kept_bytes_per_sequence`, not a per-token amount.
+    key_dtype, value_dtype and bf16_layers are `init_cache`'s; keep_first,
+    keep_recent, center_keys and center_values cost a fixed
+    `fixed_bytes_per_sequence`, not a per-token amount.
     """
-    del keep_first, keep_recent
+    del keep_first, keep_recent, center_keys, center_values
     config = get_config(config)
     return sum(
         _tensor_bytes_per_position(config, k) + _tensor_bytes_per_position(config, v)
@@ -53,11 +56,21 @@ def kv_cache_bytes_per_token(
     )
 
 
-def kept_bytes_per_sequence(config: ModelConfig | str, keep_first: int = 0, keep_recent: int = 0) -> int:
-    """The bf16 copies of the first and last positions (`init_cache`'s keep_first,
-    keep_recent) of one sequence, over all layers: a fixed cost, not one per token."""
+def fixed_bytes_per_sequence(
+    config: ModelConfig | str,
+    keep_first: int = 0,
+    keep_recent: int = 0,
+    center_keys: bool = False,
+    center_values: bool = False,
+) -> int:
+    """What one sequence costs over all layers whatever its length: the bf16 copies of
+    its first and last positions (`init_cache`'s keep_first, keep_recent) and the
+    float32 mean key and value of centered keys and values (center_keys,
+    center_values)."""
     config = get_config(config)
-    return 2 * config.num_layers * config.num_kv_heads * (keep_first + keep_recent) * config.head_dim * 2
+    per_layer = 2 * config.num_kv_heads * (keep_first + keep_recent) * config.head_dim * 2
+    per_layer += (center_keys + center_values) * config.num_kv_heads * config.head_dim * 4
+    return config.num_layers * per_layer
 
 
 def kv_cache_bytes(
@@ -72,11 +85,13 @@ def kv_cache_bytes(
     bf16_layers: Sequence[int] = (),
     keep_first: int = 0,
     keep_recent: int = 0,
+    center_keys: bool = False,
+    center_values: bool = False,
 ) -> int:
     """The exact bytes of `init_cache(config, batch_size, max_len, cache_dtype, ...)`."""
     config = get_config(config)
     total = batch_size * _LENGTH_BYTES + _FLAG_BYTES
-    total += batch_size * kept_bytes_per_sequence(config, keep_first, keep_recent)
+    total += batch_size * fixed_bytes_per_sequence(config, keep_first, keep_recent, center_keys, center_values)
     layer_formats = _layer_formats(config, cache_dtype, key_dtype, value_dtype, bf16_layers)
     for layer, formats in enumerate(layer_formats):
         window = config.layer_window(layer)
@@ -100,6 +115,8 @@ def max_cache_tokens(
     bf16_layers: Sequence[int] = (),
     keep_first: int = 0,
     keep_recent: int = 0,
+    center_keys: bool = False,
+    center_values: bool = False,
 ) -> int:
     """The largest max_len whose cache of `batch_size` sequences fits `budget_bytes`.
 
@@ -112,7 +129,8 @@ def max_cache_tokens(
             kv_cache_bytes(
                 config, cache_dtype, batch_size, n, trim_sliding_layers=trim_sliding_layers,
                 key_dtype=key_dtype, value_dtype=value_dtype, bf16_layers=bf16_layers,
-                keep_first=keep_first, keep_recent=keep_recent,
+                keep_first=keep_first, keep_recent=keep_recent, center_keys=center_keys,
+                center_values=center_values,
             )
             <= budget_bytes
         )

@@ -18,7 +18,8 @@ from fp4kv_jax.formats import get_codec
 # the keys in nvfp4 and the values in bf16, "nvfp4+values_only" the other way round;
 # "nvfp4+fp8_keys" stores the keys in fp8_e4m3 and the values in nvfp4;
 # "nvfp4+channel_keys+recent=16" scales the keys per channel over blocks of 16
-# positions, staged in the recent window.
+# positions, staged in the recent window; "nvfp4+center_keys" stores the keys minus
+# each sequence's first-chunk mean key, "+center_values" the values so.
 RECIPE_OPTIONS = {
     "hadamard": (("rotate_keys", True),),
     "hadamard_v": (("rotate_values", True),),
@@ -26,6 +27,8 @@ RECIPE_OPTIONS = {
     "values_only": (("key_dtype", "bf16"),),
     "fp8_keys": (("key_dtype", "fp8_e4m3"),),
     "channel_keys": (("per_channel_keys", True),),
+    "center_keys": (("center_keys", True),),
+    "center_values": (("center_values", True),),
 }
 # Suffixes with a count: "nvfp4+bf16_first=2" keeps the first 2 layers in bf16;
 # "nvfp4+first=4+recent=32" keeps the first 4 and the last 32 positions of every layer
@@ -33,7 +36,9 @@ RECIPE_OPTIONS = {
 _BF16_FIRST = "bf16_first="
 _COUNTED_OPTIONS = {"first=": "keep_first", "recent=": "keep_recent"}
 # The options that change what the cache stores, and so its memory figures.
-_STORAGE_OPTIONS = ("key_dtype", "value_dtype", "bf16_layers", "keep_first", "keep_recent")
+_STORAGE_OPTIONS = ("key_dtype", "value_dtype", "bf16_layers", "keep_first", "keep_recent", "center_keys",
+    "center_values",
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -161,6 +161,25 @@ def kept_positions(layer, full_k, full_v):
     return full_k, full_v, layer.keep_first, layer.keep_recent
 
 
+def refuse_sinks_over_centered_layer(layer, sinks) -> None:
+    """Centered keys (`LayerCache.key_mean`) move a query's scores by q . mean, which
+    sink logits do not follow, and centered values need weights that sum to 1: refuse
+    either with sinks."""
+    if sinks is not None and (layer.key_mean is not None or layer.value_mean is not None):
+        raise ValueError(
+            "sinks: the layer stores centered keys or values (center_keys, center_values), "
+            "which attention undoes exactly only without sinks; build the cache without them "
+            "for a model with attention sinks."
+        )
+
+
+def add_value_mean(out: jax.Array, layer) -> jax.Array:
+    """out [B, Hq, D] or [B, T, Hq, D] plus the layer's mean value (centered values,
+    `LayerCache.value_mean` [B, Hkv, D]) of each query head's KV head, in float32."""
+    mean = jnp.repeat(layer.value_mean, out.shape[-2] // layer.value_mean.shape[1], axis=1)
+    return out.astype(jnp.float32) + (mean[:, None] if out.ndim == 4 else mean)
+
+
 def refuse_kept_positions(layer, implementation: str) -> None:
     """The Pallas kernels read only the stored formats: refuse a layer keeping
     positions in full precision, naming the implementation."""

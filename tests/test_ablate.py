@@ -111,6 +111,9 @@ def test_recipe_names_spell_a_cache_dtype_and_its_options():
     assert dict(recipe_from_name("mxfp4+values_only").options) == {"key_dtype": "bf16"}
     assert recipe_from_name("nvfp4+bf16_first=2").storage == {"cache_dtype": "nvfp4", "bf16_layers": (0, 1)}
     assert dict(recipe_from_name("nvfp4+fp8_keys").options) == {"key_dtype": "fp8_e4m3"}
+    assert recipe_from_name("nvfp4+center_keys+center_values").storage == {
+        "cache_dtype": "nvfp4", "center_keys": True, "center_values": True
+    }
     assert recipe_from_name("nvfp4+first=4+recent=32").storage == {
         "cache_dtype": "nvfp4", "keep_first": 4, "keep_recent": 32
     }

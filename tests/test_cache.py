@@ -10,6 +10,7 @@ import pytest
 from fp4kv_jax import cache as C
 from fp4kv_jax import dequantize, format_names, quantize
 from fp4kv_jax.kernels.decode_attention import decode_attention
+from fp4kv_jax.kernels.prefill_attention import prefill_attention
 from fp4kv_jax.models.configs import ModelConfig
 
 TINY = ModelConfig(
@@ -205,3 +206,51 @@ def test_kept_positions_are_refused_where_they_cannot_be_honoured():
         C.init_cache("smollm2-135m", 1, 8, "nvfp4", keep_recent=-1)
     with pytest.raises(ValueError, match="keep_first, keep_recent: full-precision positions are not kept in trimmed"):
         C.init_cache("tests/fixtures/gpt_oss", 1, 64, "nvfp4", trim_sliding_layers=True, keep_recent=4)
+
+
+def test_centered_keys_and_values_read_back_as_written_and_leave_attention_without_sinks_unchanged():
+    k, v = _kv(5, 2, 6) + 3.0, _kv(6, 2, 6) - 2.0  # common offsets, which centering removes
+    q = jax.random.normal(jax.random.key(7), (2, TINY.num_heads, TINY.head_dim))
+    plain = C.update(C.init_cache(TINY, 2, 8, "float32"), [k] * 2, [v] * 2, num_tokens=jnp.array([6, 4]))
+    centered = C.init_cache(TINY, 2, 8, "float32", center_keys=True, center_values=True, rotate_values=True)
+    centered = C.update(centered, [k] * 2, [v] * 2, num_tokens=jnp.array([6, 4]))
+    # Each sequence's means are over its real tokens only.
+    np.testing.assert_allclose(centered.layers[0].key_mean[1], k[1, :4].mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(centered.layers[0].value_mean[1], v[1, :4].mean(axis=0), atol=1e-6)
+    for read, expected in zip(C.read_layer(centered, 1)[:2], C.read_layer(plain, 1)[:2]):
+        np.testing.assert_allclose(read[:, :, :4], expected[:, :, :4], atol=1e-5)
+    for layer in (0, 1):
+        np.testing.assert_allclose(
+            decode_attention(q, centered.layers[layer], centered.lengths, implementation="reference"),
+            decode_attention(q, plain.layers[layer], plain.lengths, implementation="reference"),
+            atol=1e-5,
+        )
+    # A prefill attending to the chunk's own full-precision K/V centers them the same way.
+    chunk_q = jax.random.normal(jax.random.key(8), (2, 6, TINY.num_heads, TINY.head_dim))
+    start, full = jnp.zeros(2, jnp.int32), dict(chunk_k=k, chunk_v=v, implementation="reference")
+    np.testing.assert_allclose(
+        prefill_attention(chunk_q, centered.layers[1], start, **full),
+        prefill_attention(chunk_q, plain.layers[1], start, **full),
+        atol=1e-5,
+    )
+
+
+def test_the_mean_key_is_the_first_chunks_and_centering_cuts_the_fp4_key_error():
+    k = _kv(8, 1, 8) * 0.3 + jnp.linspace(-4.0, 4.0, TINY.head_dim)  # channels offset far from 0
+    centered = C.init_cache(TINY, 1, 8, "nvfp4", center_keys=True)
+    centered = C.update(centered, [k[:, :5]] * 2, [k[:, :5]] * 2)
+    centered = C.update(centered, [k[:, 5:]] * 2, [k[:, 5:]] * 2)
+    np.testing.assert_allclose(centered.layers[0].key_mean[0], k[0, :5].mean(axis=0), atol=1e-6)
+    plain = C.update(C.init_cache(TINY, 1, 8, "nvfp4"), [k] * 2, [k] * 2)
+    written = k.swapaxes(1, 2)
+    error = lambda cache: float(jnp.linalg.norm(C.read_layer(cache, 1)[0] - written))
+    assert error(centered) < 0.5 * error(plain)
+
+
+def test_centered_keys_are_refused_with_sinks_and_with_kept_positions():
+    cache = C.update(C.init_cache(TINY, 1, 8, "nvfp4", center_keys=True), [_kv(9, 1, 3)] * 2, [_kv(9, 1, 3)] * 2)
+    q = jnp.ones((1, TINY.num_heads, TINY.head_dim))
+    with pytest.raises(ValueError, match="sinks: the layer stores centered keys or values"):
+        decode_attention(q, cache.layers[1], cache.lengths, sinks=jnp.zeros(TINY.num_heads))
+    with pytest.raises(ValueError, match="center_keys, center_values: not combined with keep_first"):
+        C.init_cache(TINY, 1, 8, "nvfp4", center_values=True, keep_recent=4)

@@ -10,7 +10,10 @@ from fp4kv_jax.cache_io import load_cache, save_cache
 
 @pytest.mark.parametrize(
     "fmt, options",
-    [("nvfp4", {}), ("fp8_e5m2", {}), ("mxfp4", {"value_dtype": "bf16"}), ("fp4_e2m1", {"keep_first": 1, "keep_recent": 3})],
+    [
+        ("nvfp4", {}), ("fp8_e5m2", {}), ("mxfp4", {"value_dtype": "bf16"}),
+        ("fp4_e2m1", {"keep_first": 1, "keep_recent": 3}), ("nvfp4", {"center_keys": True, "center_values": True}),
+    ],
 )
 def test_round_trip_is_bit_exact(tmp_path, fmt, options):
     cache = C.init_cache("smollm2-135m", 2, 16, fmt, **options)

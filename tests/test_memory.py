@@ -4,7 +4,7 @@ import pytest
 
 from fp4kv_jax import cache as C
 from fp4kv_jax import format_names
-from fp4kv_jax.memory import kept_bytes_per_sequence, kv_cache_bytes, kv_cache_bytes_per_token, max_cache_tokens
+from fp4kv_jax.memory import fixed_bytes_per_sequence, kv_cache_bytes, kv_cache_bytes_per_token, max_cache_tokens
 
 
 @pytest.mark.parametrize(
@@ -72,5 +72,12 @@ def test_kept_positions_cost_a_fixed_amount_per_sequence_equal_to_allocated_byte
     cache = C.init_cache("smollm2-135m", 3, 100, "nvfp4", **kept)
     assert kv_cache_bytes("smollm2-135m", "nvfp4", 3, 100, **kept) == cache.nbytes
     extra = kv_cache_bytes("smollm2-135m", "nvfp4", 3, 100, **kept) - kv_cache_bytes("smollm2-135m", "nvfp4", 3, 100)
-    assert extra == 3 * kept_bytes_per_sequence("smollm2-135m", **kept) == 3 * 2 * 30 * 3 * 32 * 64 * 2
+    assert extra == 3 * fixed_bytes_per_sequence("smollm2-135m", **kept) == 3 * 2 * 30 * 3 * 32 * 64 * 2
     assert kv_cache_bytes_per_token("smollm2-135m", "nvfp4", **kept) == kv_cache_bytes_per_token("smollm2-135m", "nvfp4")
+
+
+def test_a_centered_cache_costs_its_means_per_sequence_equal_to_allocated_bytes():
+    centered = dict(center_keys=True, center_values=True)
+    cache = C.init_cache("smollm2-135m", 2, 50, "nvfp4", **centered)
+    assert kv_cache_bytes("smollm2-135m", "nvfp4", 2, 50, **centered) == cache.nbytes
+    assert fixed_bytes_per_sequence("smollm2-135m", **centered) == 2 * 30 * 3 * 64 * 4

@@ -111,6 +111,8 @@ def decode_attention(
         )
     if layer.values_rotated:
         out = hadamard_rotate(out)  # weights . (V H), times H, is weights . V
+    if layer.value_mean is not None:
+        out = tiles.add_value_mean(out, layer)  # weights . (V - mean) + mean, as they sum to 1
     return out.astype(q.dtype)
 
 
@@ -143,4 +145,5 @@ def _check(q, layer, lengths, sinks):
         raise ValueError(f"lengths: expected shape ({batch},), got {lengths.shape}.")
     if sinks is not None and sinks.shape != (num_heads,):
         raise ValueError(f"sinks: expected shape ({num_heads},), got {sinks.shape}.")
+    tiles.refuse_sinks_over_centered_layer(layer, sinks)
     return batch, num_heads, head_dim

@@ -82,6 +82,9 @@ def prefill_attention(
     if kept and chunk_k is not None:
         raise ValueError("chunk_k, chunk_v: a layer keeping positions in full precision takes full_k, full_v instead.")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if chunk_k is not None:  # as the layer stores them
+        chunk_k = chunk_k if layer.key_mean is None else chunk_k - layer.key_mean[:, None]
+        chunk_v = chunk_v if layer.value_mean is None else chunk_v - layer.value_mean[:, None]
     if layer.keys_rotated:
         # Scores are unchanged: (q H) . (k H) = q . k.
         q = hadamard_rotate(q)
@@ -107,6 +110,8 @@ def prefill_attention(
         )
     if layer.values_rotated:
         out = hadamard_rotate(out)  # weights . (V H), times H, is weights . V
+    if layer.value_mean is not None:
+        out = tiles.add_value_mean(out, layer)  # weights . (V - mean) + mean, as they sum to 1
     return out.astype(q.dtype)
 
 
@@ -134,6 +139,7 @@ def _check(q, layer, start, sinks, chunk_k, chunk_v):
         raise ValueError(f"start: expected shape ({batch},), got {start.shape}.")
     if sinks is not None and sinks.shape != (num_heads,):
         raise ValueError(f"sinks: expected shape ({num_heads},), got {sinks.shape}.")
+    tiles.refuse_sinks_over_centered_layer(layer, sinks)
     if (chunk_k is None) != (chunk_v is None):
         raise ValueError("chunk_k, chunk_v: pass both or neither.")
     expected = (batch, chunk, kv_heads, head_dim)
