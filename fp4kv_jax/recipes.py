@@ -36,8 +36,8 @@ RECIPE_OPTIONS = {
 _BF16_FIRST = "bf16_first="
 _COUNTED_OPTIONS = {"first=": "keep_first", "recent=": "keep_recent"}
 # The options that change what the cache stores, and so its memory figures.
-_STORAGE_OPTIONS = ("key_dtype", "value_dtype", "bf16_layers", "keep_first", "keep_recent", "center_keys",
-    "center_values",
+_STORAGE_OPTIONS = (
+    "key_dtype", "value_dtype", "bf16_layers", "keep_first", "keep_recent", "center_keys", "center_values",
 )
 
 
