@@ -347,8 +347,9 @@ def run_ablation(
         greedy_agreement: greedy tokens equal to the reference's continuation until the
           first divergence, mean over prompts (at most settings.greedy_tokens).
         bits_per_element, bytes_per_token, tokens_in_budget: the cache's memory figures
-          (budget settings.budget_gib, one sequence); bits_per_element counts the
-          positions a recipe keeps in bf16 amortized over AMORTIZED_OVER positions.
+          (budget settings.budget_gib, one sequence); bits_per_element counts what a
+          recipe holds per sequence whatever its length (positions kept in bf16, mean
+          keys and values) amortized over AMORTIZED_OVER positions.
         layer_errors: {"k", "v", "attention_output"}: per layer ||x - x_ref|| / ||x_ref||
           over all windows.
         kl_by_position: mean KL per run of window positions (`position_buckets` runs).

@@ -344,22 +344,19 @@ def write_layer(
 
     # Tokens past max_len are dropped; `advance` flags the overflow.
     fitting = jnp.minimum(counts, jnp.maximum(cache.max_len - cache.lengths, 0))
-    key_mean, value_mean = lc.key_mean, lc.value_mean
-    if key_mean is not None:
-        key_mean = _first_chunk_mean(key_mean, k, cache.lengths, fitting)
-        k = k.astype(jnp.float32) - key_mean[:, None]
-    if value_mean is not None:
-        value_mean = _first_chunk_mean(value_mean, v, cache.lengths, fitting)
-        v = v.astype(jnp.float32) - value_mean[:, None]
-    if lc.keys_rotated:
-        k = hadamard_rotate(k)
-    if lc.values_rotated:
-        v = hadamard_rotate(v)
+    # A sequence's first chunk sets its means; the chunk is then stored relative to them.
+    means = {
+        name: _first_chunk_mean(mean, x, cache.lengths, fitting)
+        for name, mean, x in (("key_mean", lc.key_mean, k), ("value_mean", lc.value_mean, v))
+        if mean is not None
+    }
+    lc = dataclasses.replace(lc, **means)
+    k, v = to_stored_frame(lc, k, v)
 
     def write(stored, new):
         return quantize_into_cache(new, stored, cache.lengths, num_tokens=fitting, ring=lc.ring)
 
-    written = dataclasses.replace(lc, k=write(lc.k, k), v=write(lc.v, v), key_mean=key_mean, value_mean=value_mean)
+    written = dataclasses.replace(lc, k=write(lc.k, k), v=write(lc.v, v))
     if lc.keys_per_channel:
         written = dataclasses.replace(written, k=_write_key_blocks(lc, written.k, k, cache.lengths, fitting))
     if lc.keeps_positions:
@@ -375,6 +372,20 @@ def write_layer(
     bad = jnp.any(kept & ~jnp.isfinite(k)) | jnp.any(kept & ~jnp.isfinite(v))
     layers = cache.layers[:layer] + (written,) + cache.layers[layer + 1 :]
     return dataclasses.replace(cache, layers=layers, nonfinite=cache.nonfinite | bad)
+
+
+def to_stored_frame(lc: LayerCache, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values [B, T, Hkv, D] in the frame `lc` stores them in: minus its mean
+    key and value (centered layers), then Hadamard-rotated (rotated layers)."""
+    if lc.key_mean is not None:
+        k = k.astype(jnp.float32) - lc.key_mean[:, None]
+    if lc.value_mean is not None:
+        v = v.astype(jnp.float32) - lc.value_mean[:, None]
+    if lc.keys_rotated:
+        k = hadamard_rotate(k)
+    if lc.values_rotated:
+        v = hadamard_rotate(v)
+    return k, v
 
 
 def _first_chunk_mean(mean: jax.Array, x: jax.Array, lengths, counts) -> jax.Array:
@@ -452,10 +463,7 @@ def kept_values(
       (full_k, full_v), float32 [B, Hkv, capacity, D], in the stored (rotated) frame and
       rounded to bf16 as kept; positions no query of the chunk reads from them are 0.
     """
-    if before.keys_rotated:
-        k = hadamard_rotate(k)
-    if before.values_rotated:
-        v = hadamard_rotate(v)
+    k, v = to_stored_frame(before, k, v)
     capacity, first, recent = before.capacity, before.keep_first, before.keep_recent
     chunk = k.shape[1]
     # Kept slots by the position they held before the chunk; the chunk after them.

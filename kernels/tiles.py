@@ -10,6 +10,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fp4kv_jax.formats import QuantizedTensor, get_codec
+from fp4kv_jax.rotation import hadamard_rotate
 
 MASKED = -1e30  # the score of a masked position: finite, so a fully masked block cannot make inf - inf
 
@@ -173,9 +174,15 @@ def refuse_sinks_over_centered_layer(layer, sinks) -> None:
         )
 
 
-def add_value_mean(out: jax.Array, layer) -> jax.Array:
-    """out [B, Hq, D] or [B, T, Hq, D] plus the layer's mean value (centered values,
-    `LayerCache.value_mean` [B, Hkv, D]) of each query head's KV head, in float32."""
+def output_from_stored_values(out: jax.Array, layer) -> jax.Array:
+    """Attention output [B, Hq, D] or [B, T, Hq, D] over the layer's stored values,
+    in the values' own frame: rotated back (rotated values: weights . (V H), times H,
+    is weights . V), plus each query head's mean value (centered values: weights .
+    (V - mean) + mean, as the weights sum to 1)."""
+    if layer.values_rotated:
+        out = hadamard_rotate(out)
+    if layer.value_mean is None:
+        return out
     mean = jnp.repeat(layer.value_mean, out.shape[-2] // layer.value_mean.shape[1], axis=1)
     return out.astype(jnp.float32) + (mean[:, None] if out.ndim == 4 else mean)
 

@@ -109,11 +109,7 @@ def decode_attention(
         out = pallas_triton.decode_attention(
             q, layer.k, layer.v, lengths, interpret=interpret, **args, **tuning
         )
-    if layer.values_rotated:
-        out = hadamard_rotate(out)  # weights . (V H), times H, is weights . V
-    if layer.value_mean is not None:
-        out = tiles.add_value_mean(out, layer)  # weights . (V - mean) + mean, as they sum to 1
-    return out.astype(q.dtype)
+    return tiles.output_from_stored_values(out, layer).astype(q.dtype)
 
 
 def _default_implementation(q, layer: LayerCache) -> str:

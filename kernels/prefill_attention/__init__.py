@@ -26,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fp4kv_jax.cache import LayerCache
+from fp4kv_jax.cache import LayerCache, to_stored_frame
 from fp4kv_jax.kernels import tiles
 from fp4kv_jax.kernels.prefill_attention import pallas_triton, reference
 from fp4kv_jax.rotation import hadamard_rotate
@@ -82,15 +82,10 @@ def prefill_attention(
     if kept and chunk_k is not None:
         raise ValueError("chunk_k, chunk_v: a layer keeping positions in full precision takes full_k, full_v instead.")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if chunk_k is not None:  # as the layer stores them
-        chunk_k = chunk_k if layer.key_mean is None else chunk_k - layer.key_mean[:, None]
-        chunk_v = chunk_v if layer.value_mean is None else chunk_v - layer.value_mean[:, None]
+    if chunk_k is not None:
+        chunk_k, chunk_v = to_stored_frame(layer, chunk_k, chunk_v)
     if layer.keys_rotated:
-        # Scores are unchanged: (q H) . (k H) = q . k.
-        q = hadamard_rotate(q)
-        chunk_k = None if chunk_k is None else hadamard_rotate(chunk_k)
-    if layer.values_rotated and chunk_v is not None:
-        chunk_v = hadamard_rotate(chunk_v)
+        q = hadamard_rotate(q)  # scores are unchanged: (q H) . (k H) = q . k
     args = dict(
         sm_scale=sm_scale, window=layer.window, ring=layer.ring, sinks=sinks, chunk_k=chunk_k,
         chunk_v=chunk_v,
@@ -108,11 +103,7 @@ def prefill_attention(
         out = pallas_triton.prefill_attention(
             q, layer.k, layer.v, start, interpret=interpret, **args, **tuning
         )
-    if layer.values_rotated:
-        out = hadamard_rotate(out)  # weights . (V H), times H, is weights . V
-    if layer.value_mean is not None:
-        out = tiles.add_value_mean(out, layer)  # weights . (V - mean) + mean, as they sum to 1
-    return out.astype(q.dtype)
+    return tiles.output_from_stored_values(out, layer).astype(q.dtype)
 
 
 def _check(q, layer, start, sinks, chunk_k, chunk_v):
