@@ -81,6 +81,11 @@ class Codec(abc.ABC):
     # the same products with E2M1 codes: it may map the non-finite byte to inf (its
     # codes are 0, and 0 * inf is NaN) and need not flush byte 0 to zero.
     plane_scale_pair_ptx: ClassVar[str | None] = None
+    # One-byte float codecs: inline PTX turning the four stored codes of $2 (code i in
+    # byte i) into two f16x2 pairs, $0 = codes 0 and 1 and $1 = codes 2 and 3 (the
+    # lower code in the low half), each the stored value exactly, before the global
+    # scale. Used by the warp decode kernel, whose mma then takes f16 operands.
+    word_f16_pairs_ptx: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def encode(

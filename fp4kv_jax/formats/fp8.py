@@ -18,9 +18,14 @@ from fp4kv_jax.formats.registry import register
 class Fp8Codec(Codec):
     has_global_scale = True
 
-    def __init__(self, name: str, dtype: jnp.dtype):
+    def __init__(self, name: str, dtype: jnp.dtype, ptx_type: str):
         self.name = name
         self.data_dtype = dtype
+        # Hopper converts fp8 pairs to f16 pairs in one instruction.
+        self.word_f16_pairs_ptx = (
+            "{\n.reg .b16 low, high;\nmov.b32 {low, high}, $2;\n"
+            f"cvt.rn.f16x2.{ptx_type}x2 $0, low;\ncvt.rn.f16x2.{ptx_type}x2 $1, high;\n}}"
+        )
 
     def encode(self, x, global_scale):
         return self.encode_tile(x, global_scale, ptx=False)
@@ -35,5 +40,5 @@ class Fp8Codec(Codec):
         return data.astype(jnp.float32) * global_scale
 
 
-register(Fp8Codec("fp8_e4m3", jnp.float8_e4m3fn))
-register(Fp8Codec("fp8_e5m2", jnp.float8_e5m2))
+register(Fp8Codec("fp8_e4m3", jnp.float8_e4m3fn, "e4m3"))
+register(Fp8Codec("fp8_e5m2", jnp.float8_e5m2, "e5m2"))

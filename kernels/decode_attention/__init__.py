@@ -9,8 +9,9 @@ Implementations:
   "pallas_mosaic"  the same for packed FP4 caches on Hopper (Mosaic GPU lowering: TMA,
                    decode into shared memory, wgmma); on CPU it runs in Mosaic GPU
                    interpret mode.
-  "pallas_mosaic_warp"  the same for packed FP4 caches, one warp a split, decoding into
-                   mma.sync's registers (Mosaic GPU lowering, inline PTX); GPU only.
+  "pallas_mosaic_warp"  the same for bf16, fp16, fp8 and packed FP4 caches, one warp a
+                   split, decoding into mma.sync's registers (Mosaic GPU lowering,
+                   inline PTX); GPU only.
 On GPU the default is "pallas_mosaic_warp" where it handles the layer (the fastest,
 docs/benchmarks.md), else "pallas_triton" (for buffers its 32-bit offsets can
 address); "reference" elsewhere.
@@ -61,8 +62,9 @@ def decode_attention(
         Such layers attend through the reference.
       implementation: one of IMPLEMENTATIONS, or None for the default above
         ("reference" for a layer keeping positions).
-      **tuning: passed to the Pallas implementation (block_k, num_splits, num_stages;
-        num_warps for pallas_triton).
+      **tuning: passed to the Pallas implementation (num_splits for all; block_k and
+        num_stages for pallas_triton and pallas_mosaic, num_warps for pallas_triton;
+        block, prefetch and warpgroups for pallas_mosaic_warp).
 
     Returns:
       [B, Hq, D] in q's dtype.

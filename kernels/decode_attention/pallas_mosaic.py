@@ -183,7 +183,7 @@ def _kernel(
 def check_supported(k: QuantizedTensor, group: int, block_k: int = 64) -> None:
     """Raises ValueError unless this implementation handles the layer's K (and V) for a
     GQA group of `group` query heads per KV head."""
-    splits.check_packed_fp4("pallas_mosaic", k, group, block_k)
+    splits.check_layer("pallas_mosaic", k, group, block_k, SUPPORTED_FORMATS)
 
 
 def scale_rows(scales: jax.Array) -> jax.Array:

@@ -1,11 +1,12 @@
-"""Flash-decoding over a packed FP4 layer with one warp a split: the E2M1 decode goes
-straight into mma.sync's operand registers (Mosaic GPU lowering, Hopper).
+"""Flash-decoding over a stored layer with one warp a split: the decode goes straight
+into mma.sync's operand registers (Mosaic GPU lowering, Hopper).
 
 Grid (split, kv_head, batch) of `warpgroups` warpgroups; each of its W warps takes
-every W-th block of 32 positions of the split and keeps its own softmax state, so the
-loop has no shared memory, no barrier and no cross-warp reduction. Per block a warp
+every W-th block of `block` positions (16 or 32) of the split and keeps its own
+softmax state, so the loop has no shared memory, no barrier and no cross-warp
+reduction. Per block a warp
 
-  1. loads its lanes' packed bytes and block scales from global memory (the next
+  1. loads its lanes' stored bytes (and block scales) from global memory (the next
      block's while it works on this one: `prefetch`),
   2. decodes the keys into the A registers of S^T [positions, heads] = K q^T,
      mma.sync m16n8k16 with the GQA group's query heads as N (8, or 16 in two tiles),
@@ -13,27 +14,20 @@ loop has no shared memory, no barrier and no cross-warp reduction. Per block a w
      lie in the 8 lanes of one t. The running peak moves, and the output is rescaled,
      only when some head's block peak passes it by more than RESCALE_THRESHOLD (a
      warp-uniform branch): until then the weights may reach 2**RESCALE_THRESHOLD,
-     which float32 sums and bf16 weights hold exactly as well,
-  4. moves the bf16 weights into mma's B layout (`movmatrix`, a transpose in
+     which float32 sums and 16-bit weights hold exactly as well,
+  4. moves the 16-bit weights into mma's B layout (`movmatrix`, a transpose in
      registers) and decodes the values in position pairs into the A registers of
      O^T [D, heads] += V^T P^T.
 At the end the W warps merge their states in shared memory. With one split the
 program then writes the normalized output itself (the sinks join its denominator);
 with more, the splits' states are merged in XLA with the sinks (`splits.merge`).
 
-Which lane holds what, for lane (g, t) = (lane // 4, lane % 4):
-  keys    D/8 packed bytes at byte (D/8) t of positions g, g + 8 (+ 16); its word j
-          decodes into the channel pairs (n, n + 4) of its 8 channels
-          (`e2m1.PTX_WORD_HALF_PAIRS`), and k-step s = 2 j + p takes pairs 2p and
-          2p + 1, so column k of k-step s holds channel `key_channel(D, s, k)`; the
-          queries are paired in that order (any order serves if both follow it).
-  values  D/16 packed bytes at byte (D/16) g of positions 2t, 2t + 1, 2t + 8, 2t + 9
-          (+ 16), decoded in row pairs (`e2m1.PTX_ROW_PAIR_COLUMNS`): channels
-          (D/8) g + 2 c + r fill row g + 8 r of channel tile c, and those are also the
-          output channels the lane holds, so the output needs no permutation.
+Which lane reads and decodes what is the layer layout's (`warp_operands`: packed FP4,
+FP8 with f16 operands, bf16 and fp16); the lane holds output channels (D/8) g + 2c + r
+in row g + 8r of channel tile c whatever the layout.
 
 The body is inline PTX throughout, so it has no interpret mode: it runs on GPUs only
-and is tested there (tests/kernels); `key_channel` is checked on CPU.
+and is tested there (tests/kernels); the layouts' channel orders are checked on CPU.
 """
 
 from __future__ import annotations
@@ -49,182 +43,65 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from fp4kv_jax.formats import QuantizedTensor, e2m1, get_codec
+from fp4kv_jax.formats import QuantizedTensor, format_names, get_codec
 from fp4kv_jax.kernels import tiles
 from fp4kv_jax.kernels.decode_attention import splits
+from fp4kv_jax.kernels.decode_attention.warp_emitter import Emitter
+from fp4kv_jax.kernels.decode_attention.warp_operands import operands_for
 
-BLOCK = 32  # positions a warp takes at a time: two mma tiles of 16
 WARPGROUP_WARPS = 4
 # Warps an SM holds at once at the 156 registers a thread ptxas gives programs of up
 # to 3 warpgroups (measured): three programs of 1, or one of 3. A program of 4 is held
 # to 128 registers and fills an SM alone.
 RESIDENT_WARPS = 12
 RESCALE_THRESHOLD = 8.0  # log2 units: weights stay at most 256 between rescales
-SUPPORTED_FORMATS = splits.PACKED_FP4_FORMATS
+SUPPORTED_FORMATS = tuple(name for name in format_names() if operands_for(get_codec(name)) is not None)
+BLOCKS = (16, 32)  # positions a warp takes at a time: one or two mma tiles
 COMPILER_PARAMS = plgpu.CompilerParams(
     lowering_semantics=mgpu.LoweringSemantics.Lane, unsafe_no_auto_barriers=True
 )
 
-# A lane's rows of a block, as offsets from its first: keys [mt][rr] after position g
-# (tile mt's rows g and g + 8); values [kk][pp][q] after 2t (k-step kk's positions
-# 2t + q and 2t + 8 + q).
-KEY_ROWS = [[16 * mt + 8 * rr for rr in range(2)] for mt in range(2)]
-VALUE_ROWS = [[[16 * kk + 8 * pp + q for q in range(2)] for pp in range(2)] for kk in range(2)]
 
-_MMA = (
-    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-    "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};"
-)
+def lane_rows(block: int):
+    """A lane's rows of a block, as offsets from its first: keys [mt][rr] after
+    position g (tile mt's rows g and g + 8); values [kk][pp][q] after 2t (k-step kk's
+    positions 2t + q and 2t + 8 + q)."""
+    tiles_ = range(block // 16)
+    keys = [[16 * mt + 8 * rr for rr in range(2)] for mt in tiles_]
+    values = [[[16 * kk + 8 * pp + q for q in range(2)] for pp in range(2)] for kk in tiles_]
+    return keys, values
 
 
-def check_supported(k: QuantizedTensor, group: int) -> None:
+def check_supported(k: QuantizedTensor, group: int, block: int | None = None) -> None:
     """Raises ValueError unless this implementation handles the layer's K (and V) for a
-    GQA group of `group` query heads per KV head."""
-    splits.check_packed_fp4("pallas_mosaic_warp", k, group, BLOCK)
-
-
-def key_channel(head_dim: int, step: int, k):
-    """The channel in column k (0..15) of the keys' mma k-step `step` (and of the
-    queries' row k): lane t = (k % 8) // 2 holds it, from its word step // 2."""
-    t, pair_lane, upper = (k % 8) // 2, k % 2, k // 8
-    return (head_dim // 4) * t + 8 * (step // 2) + 2 * (step % 2) + upper + 4 * pair_lane
-
-
-class _Emitter:
-    """MLIR and inline-PTX building blocks for one thread's view of the kernel."""
-
-    def __init__(self):
-        self.i32 = ir.IntegerType.get_signless(32)
-        self.i64 = ir.IntegerType.get_signless(64)
-        self.f32 = ir.F32Type.get()
-
-    def int(self, value):
-        return arith.constant(self.i32, value)
-
-    def float(self, value):
-        return arith.constant(self.f32, value)
-
-    def wide(self, value):
-        return arith.extui(self.i64, value)
-
-    def address(self, ref, byte_offset_i64=None):
-        base = llvm.ptrtoint(self.i64, mgpu_utils.memref_ptr(ref))
-        return base if byte_offset_i64 is None else arith.addi(base, byte_offset_i64)
-
-    def at(self, base_i64, byte_offset_i32):
-        return arith.addi(base_i64, self.wide(byte_offset_i32))
-
-    def load(self, address, nbytes, offset=0):
-        """Read-only global load of 1, 2, 4, 8 or 16 bytes at address + offset (a
-        constant) -> i32 words (a byte or a half zero-extended)."""
-        at = f"[${{n}}+{offset}]"
-        if nbytes < 4:
-            ptx = f"ld.global.nc.u{8 * nbytes} $0, {at.format(n=1)};"
-            return [mgpu_utils.inline_ptx(ptx, address, result_types=self.i32)]
-        words = nbytes // 4
-        if words == 1:
-            ptx = f"ld.global.nc.b32 $0, {at.format(n=1)};"
-            return [mgpu_utils.inline_ptx(ptx, address, result_types=self.i32)]
-        outs = ", ".join(f"${i}" for i in range(words))
-        ptx = f"ld.global.nc.v{words}.b32 {{{outs}}}, {at.format(n=words)};"
-        return list(mgpu_utils.inline_ptx(ptx, address, result_types=[self.i32] * words))
-
-    def store(self, address, values, *, space="global", predicate=None):
-        """Store of 1, 2 or 4 float32 values or i32 words to global or shared memory."""
-        kind = "f32" if values[0].type == self.f32 else "b32"
-        if len(values) == 1:
-            ptx = f"st.{space}.{kind} [$0], $1;"
-        else:
-            operands = ", ".join(f"${i + 1}" for i in range(len(values)))
-            ptx = f"st.{space}.v{len(values)}.{kind} [$0], {{{operands}}};"
-        mgpu_utils.inline_ptx(ptx, address, *values, predicate=predicate, has_side_effects=True)
-
-    def any_lane(self, flag):
-        """Whether flag (i1) holds in any lane of the warp: i1, the same in every lane."""
-        ptx = "{\n.reg .pred p, q;\nsetp.ne.u32 p, $1, 0;\nvote.sync.any.pred q, p, 0xffffffff;\nselp.u32 $0, 1, 0, q;\n}"
-        word = mgpu_utils.inline_ptx(ptx, arith.extui(self.i32, flag), result_types=self.i32, convergent=True)
-        return arith.cmpi(arith.CmpIPredicate.ne, word, self.int(0))
-
-    def barrier(self):
-        """All the program's threads meet (and see each other's shared-memory stores)."""
-        mgpu_utils.inline_ptx("bar.sync 0;", has_side_effects=True, convergent=True)
-
-    def update_if(self, condition, update, values):
-        """scf.if: update(), a nested list shaped like values, where condition (i1,
-        warp-uniform) holds; values unchanged elsewhere."""
-        leaves, tree = jax.tree.flatten(values)
-        op = scf.IfOp(condition, [v.type for v in leaves], has_else=True)
-        with ir.InsertionPoint(op.then_block):
-            scf.yield_(jax.tree.leaves(update()))
-        with ir.InsertionPoint(op.else_block):
-            scf.yield_(leaves)
-        return jax.tree.unflatten(tree, list(op.results))
-
-    def shared_address(self, ref):
-        return llvm.ptrtoint(self.i32, mgpu_utils.memref_ptr(ref))
-
-    def load_shared(self, address, count):
-        """1 or 4 float32 values at a shared-memory address. Kept in order with the
-        barrier that makes the stores visible, as every shared access here is."""
-        if count == 1:
-            return [
-                mgpu_utils.inline_ptx("ld.shared.f32 $0, [$1];", address, result_types=self.f32, has_side_effects=True)
-            ]
-        return list(
-            mgpu_utils.inline_ptx(
-                "ld.shared.v4.f32 {$0, $1, $2, $3}, [$4];", address, result_types=[self.f32] * 4, has_side_effects=True
-            )
+    GQA group of `group` query heads per KV head, in blocks of `block` positions (None:
+    the format's default)."""
+    if block is not None and block not in BLOCKS:
+        raise ValueError(f"block: one of {BLOCKS}, got {block!r}.")
+    # The capacity is checked against the block once the format's default is known.
+    splits.check_layer("pallas_mosaic_warp", k, group, 1, SUPPORTED_FORMATS)
+    block = operands_for(get_codec(k.fmt)).default_block if block is None else block
+    if k.shape[-2] % block:
+        raise ValueError(
+            f"implementation: 'pallas_mosaic_warp' needs a cache capacity that is a multiple of "
+            f"the block of {block} positions, got {k.shape[-2]}."
         )
 
-    def scaled_bf16_pair(self, pair, factor):
-        """A bf16 pair times a float32 factor, rounded back to a bf16 pair."""
-        ptx = (
-            "{\n.reg .b32 lo, hi;\n.reg .f32 a, b;\nshl.b32 lo, $1, 16;\nand.b32 hi, $1, 0xFFFF0000;\n"
-            "mov.b32 a, lo;\nmov.b32 b, hi;\nmul.f32 a, a, $2;\nmul.f32 b, b, $2;\ncvt.rn.bf16x2.f32 $0, b, a;\n}"
-        )
-        return mgpu_utils.inline_ptx(ptx, pair, factor, result_types=self.i32)
 
-    def mma(self, a, b, c):
-        return list(mgpu_utils.inline_ptx(_MMA, *a, *b, *c, result_types=[self.f32] * 4, convergent=True))
-
-    def transpose8x8(self, x):
-        return mgpu_utils.inline_ptx(
-            "movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", x, result_types=self.i32, convergent=True
-        )
-
-    def exp2(self, x):
-        return mgpu_utils.inline_ptx("ex2.approx.ftz.f32 $0, $1;", x, result_types=self.f32)
-
-    def bf16_pair(self, low, high):
-        return mgpu_utils.inline_ptx("cvt.rn.bf16x2.f32 $0, $1, $2;", high, low, result_types=self.i32)
-
-    def permute(self, a, b, selector):
-        return mgpu_utils.inline_ptx(f"prmt.b32 $0, $1, $2, {selector:#06x};", a, b, result_types=self.i32)
-
-    def max(self, values):
-        out = values[0]
-        for v in values[1:]:
-            out = arith.maximumf(out, v)
-        return out
-
-    def sum(self, values):
-        out = values[0]
-        for v in values[1:]:
-            out = arith.addf(out, v)
-        return out
-
-
-def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, ring, prefetch, kv_heads,
-          num_splits, warps, sink_operand, out_dtype, sm_scale):
+def _emit(refs, *, codec, head_dim, group, head_tiles, block, tensor_arrays, chunk, capacity, window, ring,
+          prefetch, kv_heads, num_splits, warps, sink_operand, out_dtype, sm_scale):
     """The kernel body for one thread (see the module docstring); refs are the
-    kernel's operands, outputs and shared scratch in `decode_attention`'s order."""
-    lengths, q_ref, k_global, v_global, k_data, k_scales, v_data, v_scales, *refs = refs
+    kernel's operands, outputs and shared scratch in `decode_attention`'s order, K and
+    V as `tensor_arrays` arrays each."""
+    lengths, q_ref, k_global, v_global, *refs = refs
+    k_refs, v_refs, refs = refs[:tensor_arrays], refs[tensor_arrays : 2 * tensor_arrays], refs[2 * tensor_arrays :]
     sink_ref = refs.pop(0) if sink_operand else None  # with one split only
     *outputs, o_smem, ml_smem = refs
-    e = _Emitter()
+    e = Emitter()
     i32, c = e.i32, e.int
     D = head_dim
-    row_bytes, scales_per_row = D // 2, D // codec.block_size
+    key_rows, value_rows = lane_rows(block)
+    m_tiles = block // 16
 
     thread = mgpu_utils.thread_idx()
     lane = arith.andi(thread, c(31))
@@ -234,71 +111,35 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
     block_id = lambda dim: arith.index_cast(i32, gpu.block_id(dim))
     batch, head, split = block_id(gpu.Dimension.x), block_id(gpu.Dimension.y), block_id(gpu.Dimension.z)
     row = e.wide(arith.addi(arith.muli(batch, c(kv_heads)), head))  # (batch, kv head)
+    layout = operands_for(codec)(e, codec, head_dim, capacity, row, g, t)
+    mma_dtype = layout.mma_dtype
 
     [length] = e.load(e.at(e.address(lengths), arith.muli(batch, c(4))), 4)
     lo = arith.muli(split, c(chunk))
     hi = arith.minsi(arith.minsi(arith.addi(lo, c(chunk)), c(capacity)), length)
     if window is not None and not ring:
         lo = arith.maxsi(lo, arith.subi(length, c(window)))
-    first = arith.divsi(lo, c(BLOCK))
+    first = arith.divsi(lo, c(block))
     nonempty = arith.cmpi(arith.CmpIPredicate.sgt, hi, lo)
-    last = arith.select(nonempty, arith.divsi(arith.addi(hi, c(BLOCK - 1)), c(BLOCK)), first)
+    last = arith.select(nonempty, arith.divsi(arith.addi(hi, c(block - 1)), c(block)), first)
     mine = arith.maxsi(arith.subi(arith.subi(last, first), warp), c(0))
     iterations = arith.divui(arith.addi(mine, c(warps - 1)), c(warps))
 
-    # Keys: lane (g, t) reads D/8 bytes at byte (D/8) t of positions g (+ 8, 16, 24),
-    # covering `key_blocks` block scales; values: D/16 bytes at byte (D/16) g of
-    # positions 2t (+ 1, 8, 9, 16, ...), one block scale. Each lane's four base
-    # addresses move by one block a step; its rows are immediate offsets from them.
-    key_blocks = max(1, D // 4 // codec.block_size)
-    key_scale_at = arith.divui(arith.muli(t, c(D // 4)), c(codec.block_size))
-    value_scale_at = arith.divui(arith.muli(g, c(D // 8)), c(codec.block_size))
+    # Each lane's base addresses (`warp_operands`) move by one block a step; its rows
+    # are immediate offsets from them.
+    key_lanes, value_lanes = layout.key_lanes(k_refs), layout.value_lanes(v_refs)
 
-    def lane_base(ref, width, first_row, byte_at):
-        of_row = arith.muli(row, arith.constant(e.i64, capacity * width))
-        return e.at(e.address(ref, of_row), arith.addi(arith.muli(first_row, c(width)), byte_at))
+    def block_at(lanes, index):
+        position0 = arith.muli(index, c(block))
+        return [e.at(address, arith.muli(position0, c(width))) for address, width in lanes]
 
-    two_t = arith.muli(t, c(2))
-    k_lane = lane_base(k_data, row_bytes, g, arith.muli(t, c(D // 8)))
-    ks_lane = lane_base(k_scales, scales_per_row, g, key_scale_at)
-    v_lane = lane_base(v_data, row_bytes, two_t, arith.muli(g, c(D // 16)))
-    vs_lane = lane_base(v_scales, scales_per_row, two_t, value_scale_at)
+    def load_keys(index):
+        at = block_at(key_lanes, index)
+        return [[layout.load_key_row(at, r) for r in rows] for rows in key_rows]
 
-    def block_addresses(block):
-        position0 = arith.muli(block, c(BLOCK))
-        at = lambda lane_addr, width: e.at(lane_addr, arith.muli(position0, c(width)))
-        return at(k_lane, row_bytes), at(ks_lane, scales_per_row), at(v_lane, row_bytes), at(vs_lane, scales_per_row)
-
-    def load_keys(block):
-        k_at, ks_at, _, _ = block_addresses(block)
-        return [
-            [(e.load(k_at, D // 8, r * row_bytes), e.load(ks_at, key_blocks, r * scales_per_row)) for r in rows]
-            for rows in KEY_ROWS
-        ]
-
-    def load_values(block):
-        _, _, v_at, vs_at = block_addresses(block)
-        return [
-            [
-                [(e.load(v_at, D // 16, r * row_bytes), e.load(vs_at, 1, r * scales_per_row)) for r in pair]
-                for pair in pairs
-            ]
-            for pairs in VALUE_ROWS
-        ]
-
-    def scale_pair(first, second):
-        return mgpu_utils.inline_ptx(codec.plane_scale_pair_ptx, first, second, result_types=i32)
-
-    def key_scales(raw):
-        """The bf16 scale pair (one scale twice) for each word of a key row."""
-        [bytes_] = raw
-        if key_blocks == 1:
-            pairs = [scale_pair(bytes_, bytes_)]
-        else:
-            both = scale_pair(bytes_, arith.shrui(bytes_, c(8)))
-            pairs = [e.permute(both, both, selector) for selector in (0x1010, 0x3232)]
-        words = D // 32
-        return [pairs[j * len(pairs) // words] for j in range(words)]
+    def load_values(index):
+        at = block_at(value_lanes, index)
+        return [[[layout.load_value_row(at, r) for r in pair] for pair in pairs] for pairs in value_rows]
 
     span = arith.subi(hi, lo)
 
@@ -311,13 +152,12 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
         return ok
 
     # Queries: lane (g, t) reads channels [(D/4) t, (D/4) (t + 1)) of head 8 nt + g of
-    # its group (zero past the group), scales them, and pairs them into mma's B
-    # registers for k-step s = 2 j + p: channels (b + 2p, b + 2p + 4) and (b + 2p + 1,
-    # b + 2p + 5) of b = (D/4) t + 8 j, the order `key_channel` gives the keys.
+    # its group (zero past the group), scales them into pairs of the mma type, and
+    # orders them into mma's B registers as the layout orders the keys.
     # The queries carry the softmax scale, log2 e (base-2 softmax) and K's plane factor.
     k_factor = arith.bitcast(e.f32, e.load(e.address(k_global), 4)[0])
     q_scale = arith.mulf(k_factor, e.float(sm_scale * math.log2(math.e) * 2.0**-codec.plane_exponent))
-    queries = []  # [head tile][k-step] -> (b0b1, b2b3)
+    queries = []  # [head tile][k-step] -> (b0, b1)
     for nt in range(head_tiles):
         in_group = arith.addi(g, c(8 * nt))
         present = arith.cmpi(arith.CmpIPredicate.slt, in_group, c(group))
@@ -326,79 +166,49 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
             arith.addi(arith.muli(head, c(group)), arith.minsi(in_group, c(group - 1))),
         )
         q_lane = e.at(e.address(q_ref), arith.addi(arith.muli(q_row, c(2 * D)), arith.muli(t, c(D // 2))))
-        words = [w for part in range(D // 32) for w in e.load(q_lane, 16, 16 * part)]
-        words = [arith.select(present, e.scaled_bf16_pair(w, q_scale), c(0)) for w in words]
-        low, high = 0x5410, 0x7632  # the low or the high bf16 of two words
-        queries.append(
-            [
-                (e.permute(words[4 * j + p], words[4 * j + 2 + p], low),
-                 e.permute(words[4 * j + p], words[4 * j + 2 + p], high))
-                for j, p in (divmod(s, 2) for s in range(D // 16))
-            ]
-        )
+        words = e.load(q_lane, D // 2)
+        words = [arith.select(present, e.scaled_pair(w, q_scale, mma_dtype), c(0)) for w in words]
+        queries.append(layout.query_steps(words))
 
     # Masked scores are -inf, so their weights are 0 under any peak; the peaks start
     # finite (MASKED), so a fully masked block leaves them there.
     unseen, masked, zero = e.float(-math.inf), e.float(tiles.MASKED), e.float(0.0)
 
-    def attend(block, raw, state):
+    def attend(index, raw, state):
         outs, peaks_, totals_ = state
         keys, values = raw
-        position0 = arith.muli(block, c(BLOCK))
+        position0 = arith.muli(index, c(block))
         # Keys -> A registers [mt][s] (rows g, g + 8 of each k-step's two halves).
-        decoded = [
-            [
-                [
-                    mgpu_utils.inline_ptx(e2m1.PTX_WORD_HALF_PAIRS, word, sc, result_types=[i32] * 4)
-                    for word, sc in zip(words, key_scales(scale_bytes))
-                ]
-                for words, scale_bytes in tile
-            ]
-            for tile in keys
-        ]
+        steps = [[layout.key_steps(row_raw) for row_raw in tile] for tile in keys]  # [mt][rr][s]
         key_operands = [
-            [
-                [decoded[mt][0][s // 2][2 * (s % 2)], decoded[mt][1][s // 2][2 * (s % 2)],
-                 decoded[mt][0][s // 2][2 * (s % 2) + 1], decoded[mt][1][s // 2][2 * (s % 2) + 1]]
-                for s in range(D // 16)
-            ]
-            for mt in range(2)
+            [[steps[mt][0][s][0], steps[mt][1][s][0], steps[mt][0][s][1], steps[mt][1][s][1]] for s in range(D // 16)]
+            for mt in range(m_tiles)
         ]
         first_row = arith.addi(position0, g)
-        ok = [[valid(arith.addi(first_row, c(r))) for r in rows] for rows in KEY_ROWS]
+        ok = [[valid(arith.addi(first_row, c(r))) for r in rows] for rows in key_rows]
 
-        # Values -> A registers [c][kk], decoded in position pairs.
-        value_operands = [[None] * 2 for _ in range(D // 16)]
-        for kk in range(2):
-            columns = []  # [pp][u][n]
-            for pp in range(2):
-                (words_a, byte_a), (words_b, byte_b) = values[kk][pp]
-                pair = scale_pair(byte_a[0], byte_b[0])
-                columns.append(
-                    [
-                        mgpu_utils.inline_ptx(e2m1.PTX_ROW_PAIR_COLUMNS, wa, wb, pair, result_types=[i32] * 8)
-                        for wa, wb in zip(words_a, words_b)
-                    ]
-                )
-            for tile in range(D // 16):
-                u, m = divmod(tile, 4)
-                value_operands[tile][kk] = [
-                    columns[0][u][2 * m], columns[0][u][2 * m + 1], columns[1][u][2 * m], columns[1][u][2 * m + 1]
-                ]
+        # Values -> A registers [c][kk]: channel (D/8) g + 2c + r is row g + 8r of
+        # tile c, positions 2t, 2t + 1 (pp = 0) and 2t + 8, 2t + 9 (pp = 1).
+        pairs = [[layout.value_pairs(*values[kk][pp]) for pp in range(2)] for kk in range(m_tiles)]
+        value_operands = [
+            [[pairs[kk][0][2 * tile], pairs[kk][0][2 * tile + 1], pairs[kk][1][2 * tile], pairs[kk][1][2 * tile + 1]]
+             for kk in range(m_tiles)]
+            for tile in range(D // 16)
+        ]
 
         scores = []  # [nt][mt] -> 4 floats (rows g, g + 8; heads 8 nt + 2t, 8 nt + 2t + 1)
         for nt in range(head_tiles):
             scores.append([])
-            for mt in range(2):
+            for mt in range(m_tiles):
                 acc = [zero] * 4
                 for s in range(D // 16):
-                    acc = e.mma(key_operands[mt][s], queries[nt][s], acc)
+                    acc = e.mma(key_operands[mt][s], queries[nt][s], acc, mma_dtype)
                 scores[nt].append([arith.select(ok[mt][i // 2], acc[i], unseen) for i in range(4)])
         block_peaks = []  # [nt][h] for heads 8 nt + 2t + h, common to a t's 8 lanes
         for nt in range(head_tiles):
             block_peaks.append([])
             for h in range(2):
-                block_peak = e.max([scores[nt][mt][2 * rr + h] for mt in range(2) for rr in range(2)])
+                block_peak = e.max([scores[nt][mt][2 * rr + h] for mt in range(m_tiles) for rr in range(2)])
                 for distance in (4, 8, 16):
                     block_peak = arith.maximumf(block_peak, mgpu_utils.shfl_bfly(block_peak, distance))
                 block_peaks[nt].append(block_peak)
@@ -426,22 +236,23 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
 
         new_outs, new_totals = [], []
         for nt in range(head_tiles):
-            weights = [[e.exp2(arith.subf(x, peaks_[nt][i % 2])) for i, x in enumerate(scores[nt][mt])] for mt in range(2)]
+            weights = [[e.exp2(arith.subf(x, peaks_[nt][i % 2])) for i, x in enumerate(scores[nt][mt])]
+                       for mt in range(m_tiles)]
             new_totals.append(
-                [arith.addf(totals_[nt][h], e.sum([weights[mt][2 * rr + h] for mt in range(2) for rr in range(2)]))
+                [arith.addf(totals_[nt][h], e.sum([weights[mt][2 * rr + h] for mt in range(m_tiles) for rr in range(2)]))
                  for h in range(2)]
             )
             # P^T in mma's B layout for k-step kk (= key tile kk): a transpose of each
-            # 8 x 8 bf16 quarter.
+            # 8 x 8 quarter of 16-bit weights.
             weight_operands = [
-                [e.transpose8x8(e.bf16_pair(weights[kk][2 * rr], weights[kk][2 * rr + 1])) for rr in range(2)]
-                for kk in range(2)
+                [e.transpose8x8(e.pair(weights[kk][2 * rr], weights[kk][2 * rr + 1], mma_dtype)) for rr in range(2)]
+                for kk in range(m_tiles)
             ]
             tiles_out = []
             for tile in range(D // 16):
                 acc = outs[nt][tile]
-                for kk in range(2):
-                    acc = e.mma(value_operands[tile][kk], weight_operands[kk], acc)
+                for kk in range(m_tiles):
+                    acc = e.mma(value_operands[tile][kk], weight_operands[kk], acc, mma_dtype)
                 tiles_out.append(acc)
             new_outs.append(tiles_out)
         return new_outs, peaks_, new_totals
@@ -452,7 +263,7 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
         [[zero] * 2 for _ in range(head_tiles)],
     )
     block_of = lambda i: arith.addi(first, arith.addi(warp, arith.muli(i, c(warps))))
-    last_block = c(capacity // BLOCK - 1)
+    last_block = c(capacity // block - 1)
     loaders = (load_keys, load_values)
     ahead = loaders[:prefetch]  # loaded one block early, while the block before is worked on
     steps = arith.index_cast(ir.IndexType.get(), iterations)
@@ -460,10 +271,10 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, chunk, capacity, window, 
     @mgpu_utils.fori(steps, ([f(arith.minsi(block_of(c(0)), last_block)) for f in ahead], state))
     def loop(i, carry):
         early, state = carry
-        block = block_of(arith.index_cast(i32, i))
-        upcoming = [f(arith.minsi(arith.addi(block, c(warps)), last_block)) for f in ahead]
-        keys, values = [*early, *(f(block) for f in loaders[prefetch:])]
-        return upcoming, attend(block, (keys, values), state)
+        index = block_of(arith.index_cast(i32, i))
+        upcoming = [f(arith.minsi(arith.addi(index, c(warps)), last_block)) for f in ahead]
+        keys, values = [*early, *(f(index) for f in loaders[prefetch:])]
+        return upcoming, attend(index, (keys, values), state)
 
     _, state = loop.results
     outs, peaks_, totals_ = state
@@ -532,7 +343,7 @@ def _store_output(e, outputs, merged, total, sink, best, v_global, codec, batch,
     factor = arith.divf(v_factor, denominator)
     values = [arith.mulf(x, factor) for x in merged]
     if out_dtype == jnp.bfloat16:
-        values = [e.bf16_pair(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+        values = [e.pair(values[i], values[i + 1], "bf16") for i in range(0, len(values), 2)]
     query_row = arith.addi(arith.muli(batch, c(kv_heads * group)), arith.addi(arith.muli(head, c(group)), r))
     element = arith.addi(arith.muli(e.wide(query_row), arith.constant(e.i64, head_dim)), e.wide(column0))
     at = e.address(out, arith.muli(element, arith.constant(e.i64, jnp.dtype(out_dtype).itemsize)))
@@ -558,7 +369,9 @@ def _store_state(e, outputs, merged, total, best, row, split, r, column0, *, num
     e.store(e.address(totals, index_bytes), [total], predicate=row_leader)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "window", "ring", "num_splits", "prefetch", "warpgroups"))
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "window", "ring", "num_splits", "prefetch", "warpgroups", "block")
+)
 def decode_attention(
     q: jax.Array,
     k: QuantizedTensor,
@@ -571,21 +384,28 @@ def decode_attention(
     sinks: jax.Array | None,
     num_splits: int | None = None,
     prefetch: int = 1,
-    warpgroups: int = 4,
+    warpgroups: int | None = None,
+    block: int | None = None,
 ) -> jax.Array:
-    """q [B, Hq, D]; k, v packed FP4 [B, Hkv, S, D]; lengths int32 [B] -> [B, Hq, D] in q's dtype.
+    """q [B, Hq, D]; k, v [B, Hkv, S, D] in one of SUPPORTED_FORMATS; lengths int32 [B]
+    -> [B, Hq, D] in q's dtype.
 
     prefetch: 0, 1 or 2: none, the keys, or the keys and values of a warp's next block
       are loaded while it works on the current one (more registers, fewer stalls).
-    warpgroups: 1 to 4 warpgroups a program (each of 4 warps). By default one program
-      of 4 fills an SM, so a batch of B Hkv >= the SM count needs no split and no
-      merge outside the kernel. (The fastest at the target shape, docs/benchmarks.md.)
+    warpgroups: 1 to 4 warpgroups a program (each of 4 warps); None: the layout's
+      default. A program of 4 fills an SM, so with a batch of B Hkv >= the SM count
+      the packed FP4 default needs no split and no merge outside the kernel.
+    block: 16 or 32 positions a warp takes at a time; None: the layout's default.
+    (The defaults are the fastest at the target shape, docs/benchmarks.md.)
     """
     codec = get_codec(k.fmt)
     batch, num_heads, head_dim = q.shape
     kv_heads, capacity = k.shape[1], k.shape[2]
     group = num_heads // kv_heads
-    check_supported(k, group)
+    check_supported(k, group, block)
+    layout = operands_for(codec)
+    block = layout.default_block if block is None else block
+    warpgroups = layout.default_warpgroups if warpgroups is None else warpgroups
     if prefetch not in (0, 1, 2):
         raise ValueError(f"prefetch: 0, 1 or 2, got {prefetch!r}.")
     if warpgroups not in (1, 2, 3, 4):
@@ -594,15 +414,17 @@ def decode_attention(
     head_tiles = 1 if group <= 8 else 2
     rows = 8 * head_tiles
     resident = splits.DEFAULT_SMS * max(1, RESIDENT_WARPS // warps)
-    chunk, num_split_programs = splits.plan_waves(batch, kv_heads, capacity, BLOCK, warps, resident, num_splits)
+    chunk, num_split_programs = splits.plan_waves(batch, kv_heads, capacity, block, warps, resident, num_splits)
     final = num_split_programs == 1
     out_dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
+
+    tensor_arrays = layout.arrays(k)
 
     def kernel(*refs):
         emit = plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))(
             lambda ctx, *refs: _emit(
-                refs, codec=codec, head_dim=head_dim, group=group, head_tiles=head_tiles, chunk=chunk,
-                capacity=capacity, window=window, ring=ring, prefetch=prefetch, kv_heads=kv_heads,
+                refs, codec=codec, head_dim=head_dim, group=group, head_tiles=head_tiles, block=block,
+                tensor_arrays=len(tensor_arrays), chunk=chunk, capacity=capacity, window=window, ring=ring, prefetch=prefetch, kv_heads=kv_heads,
                 num_splits=num_split_programs, warps=warps, sink_operand=final and sinks is not None,
                 out_dtype=out_dtype, sm_scale=sm_scale,
             )
@@ -612,10 +434,9 @@ def decode_attention(
     # The global scales (1 without one) stay arrays of one element, so no XLA op runs
     # before the kernel; the kernel multiplies in the constant parts of the factors.
     global_of = lambda x: jnp.ones((1,), jnp.float32) if x.global_scale is None else x.global_scale.reshape(1)
-    as_bytes = lambda s: s if s.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(s, jnp.uint8)
     operands = [
-        lengths.astype(jnp.int32), q.astype(jnp.bfloat16), global_of(k), global_of(v),
-        k.data, as_bytes(k.scales), v.data, as_bytes(v.scales),
+        lengths.astype(jnp.int32), q.astype(jnp.bfloat16), global_of(k), global_of(v), *tensor_arrays,
+        *layout.arrays(v),
     ]
     if final:
         out_type = jax.ShapeDtypeStruct((batch, num_heads, head_dim), out_dtype)

@@ -9,23 +9,24 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from fp4kv_jax.formats import QuantizedTensor
+from fp4kv_jax.formats import QuantizedTensor, format_names, get_codec
 from fp4kv_jax.kernels import tiles
 
 PROGRAMS_PER_SM = 4
 DEFAULT_SMS = 132
-# What the Mosaic GPU kernels take: packed FP4 layers and GQA groups of up to 16.
-PACKED_FP4_FORMATS = ("fp4_e2m1", "nvfp4", "mxfp4")
+# What the Mosaic GPU kernels take: GQA groups of up to 16, and for pallas_mosaic the
+# packed FP4 formats, whose codecs give the PTX of a block-scale decode.
+PACKED_FP4_FORMATS = tuple(name for name in format_names() if get_codec(name).plane_scale_ptx is not None)
 MAX_PACKED_GROUP = 16
 
 
-def check_packed_fp4(implementation: str, k: QuantizedTensor, group: int, block: int) -> None:
-    """Raises ValueError, naming `implementation`, unless k is a packed FP4 layer with
-    head_dim 64 or 128 and a capacity that is a multiple of `block`, read by GQA
-    groups of at most MAX_PACKED_GROUP query heads."""
-    if k.fmt not in PACKED_FP4_FORMATS:
+def check_layer(implementation: str, k: QuantizedTensor, group: int, block: int, formats: tuple[str, ...]) -> None:
+    """Raises ValueError, naming `implementation`, unless k is a layer in one of
+    `formats` with head_dim 64 or 128 and a capacity that is a multiple of `block`,
+    read by GQA groups of at most MAX_PACKED_GROUP query heads."""
+    if k.fmt not in formats:
         raise ValueError(
-            f"implementation: {implementation!r} handles {', '.join(PACKED_FP4_FORMATS)}, "
+            f"implementation: {implementation!r} handles {', '.join(formats)}, "
             f"not {k.fmt!r}; use 'pallas_triton'."
         )
     head_dim, capacity = k.shape[-1], k.shape[-2]

@@ -149,7 +149,8 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize(
     "fmt, implementation",
     [(fmt, "pallas_triton") for fmt in ("bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4")]
-    + [(fmt, impl) for impl in ("pallas_mosaic", "pallas_mosaic_warp") for fmt in ("fp4_e2m1", "nvfp4", "mxfp4")],
+    + [(fmt, "pallas_mosaic") for fmt in ("fp4_e2m1", "nvfp4", "mxfp4")]
+    + [(fmt, "pallas_mosaic_warp") for fmt in ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nvfp4", "mxfp4")],
 )
 def test_compiled_kernel_matches_reference_on_gpu(fmt, implementation):
     cache, q = _filled_cache(3, fmt, 64, 8, 128, [1, 1000, 333, 4096], 4096, None)
@@ -164,6 +165,11 @@ WARP_CASES = MOSAIC_CASES + [
     ("fp4_e2m1", 64, 8, 128, [1000, 33, 1, 4096], 4096, None, True),  # the target's group of 8
     ("nvfp4", 16, 1, 64, [5, 300], 320, 100, False),  # MQA of 16, head_dim 64, window
     ("mxfp4", 24, 8, 64, [129, 64], 160, None, False),  # group 3
+    # FP8 and 16-bit layers: f16 and bf16 operands.
+    ("fp8_e4m3", 64, 8, 128, [1000, 33, 1, 4096], 4096, None, True),
+    ("fp8_e5m2", 16, 1, 64, [5, 300], 320, 100, False),
+    ("bf16", 32, 2, 128, [70, 3], 128, 20, True),
+    ("fp16", 24, 8, 64, [129, 64], 160, None, False),
 ]
 
 
@@ -175,7 +181,10 @@ def test_warp_kernel_matches_reference_on_gpu(fmt, heads, kv_heads, head_dim, le
     layer, lengths = cache.layers[0], cache.lengths
     ref = decode_attention(q, layer, lengths, sinks=sink_logits, implementation="reference")
     # One split normalizes in the kernel; more are merged outside it.
-    tunings = (dict(), dict(num_splits=1, prefetch=0), dict(num_splits=3, prefetch=1), dict(num_splits=2, warpgroups=1))
+    tunings = (
+        dict(), dict(num_splits=1, prefetch=0, block=16), dict(num_splits=3, prefetch=1, block=32),
+        dict(num_splits=2, warpgroups=1, prefetch=2),
+    )
     for tuning in tunings:
         out = decode_attention(q, layer, lengths, sinks=sink_logits, implementation="pallas_mosaic_warp", **tuning)
         assert out.shape == q.shape and out.dtype == q.dtype
@@ -199,17 +208,17 @@ def test_warp_kernel_refuses_to_run_without_a_gpu():
 
 
 @pytest.mark.gpu
-def test_gpu_default_is_the_warp_kernel_for_packed_fp4():
+def test_gpu_default_is_the_warp_kernel_where_it_handles_the_layer():
     from fp4kv_jax.kernels.decode_attention import _default_implementation
 
-    for head_dim in (64, 128):
-        fp4, q = _filled_cache(4, "nvfp4", 16, 2, head_dim, [200, 7], 256, None)
-        assert _default_implementation(q, fp4.layers[0]) == "pallas_mosaic_warp"
-        ref = decode_attention(q, fp4.layers[0], fp4.lengths, implementation="reference")
-        assert relative_error(decode_attention(q, fp4.layers[0], fp4.lengths), ref) < 1e-2
-    bf16, q = _filled_cache(4, "bf16", 16, 2, 128, [200, 7], 256, None)
+    for fmt, head_dim in (("nvfp4", 64), ("nvfp4", 128), ("fp8_e4m3", 128), ("bf16", 64)):
+        cache, q = _filled_cache(4, fmt, 16, 2, head_dim, [200, 7], 256, None)
+        assert _default_implementation(q, cache.layers[0]) == "pallas_mosaic_warp"
+        ref = decode_attention(q, cache.layers[0], cache.lengths, implementation="reference")
+        assert relative_error(decode_attention(q, cache.layers[0], cache.lengths), ref) < 1e-2
+    f32, q = _filled_cache(4, "float32", 16, 2, 128, [200, 7], 256, None)
     odd, q_odd = _filled_cache(4, "nvfp4", 16, 2, 128, [20, 7], 48, None)  # capacity not a multiple of 32
-    assert _default_implementation(q, bf16.layers[0]) == "pallas_triton"
+    assert _default_implementation(q, f32.layers[0]) == "pallas_triton"
     assert _default_implementation(q_odd, odd.layers[0]) == "pallas_triton"
 
 
