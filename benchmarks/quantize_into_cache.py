@@ -135,7 +135,7 @@ def table(rows) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default=",".join(format_names()))
-    parser.add_argument("--variants", default="block_t=64", help="';'-separated k=v,k=v tuning sets")
+    parser.add_argument("--variants", default="", help="';'-separated k=v,k=v tuning sets; empty: the defaults")
     parser.add_argument("--out", type=Path, help="directory for results.json")
     args = parser.parse_args()
     if jax.default_backend() != "gpu":

@@ -64,14 +64,16 @@ def quantize_into_cache(
     num_tokens: jax.Array,
     *,
     ring: bool,
-    block_t: int = 64,
+    block_t: int = 16,
     num_warps: int = 4,
     interpret: bool = False,
 ) -> QuantizedTensor:
     """new float [B, T, Hkv, D] into stored [B, Hkv, S, D] at start, num_tokens int32 [B].
 
     Args:
-      block_t: tokens per program (rounded down to the chunk's next power of two).
+      block_t: tokens per program (rounded down to the chunk's next power of two). The
+        default is the fastest on an H200 over the formats (docs/benchmarks.md): the
+        encoders' registers limit occupancy, more so in larger tiles.
       num_warps: Triton warps per program.
       interpret: run in Pallas interpret mode (CPU); divisions then use XLA's.
     """
