@@ -9,6 +9,8 @@ NaN block scale and reads back as NaN.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -17,6 +19,17 @@ from fp4kv_jax.formats.base import Codec
 from fp4kv_jax.formats.registry import register
 
 E4M3_MAX = 448.0
+
+
+class EncodedBlocks(NamedTuple):
+    """One candidate encoding of x's blocks [..., n, 16]: E2M1 codes (uint8 [..., n,
+    16]), e4m3 block scales [..., n], the values divided by their block's scale
+    (float32 [..., n, 16], what the codes round) and that divisor (float32 [..., n])."""
+
+    codes: jax.Array
+    scale: jax.Array
+    scaled: jax.Array
+    denominator: jax.Array
 
 
 class Nvfp4Codec(Codec):
@@ -40,18 +53,24 @@ class Nvfp4Codec(Codec):
         return self.encode_tile(x, global_scale, ptx=False)
 
     def encode_tile(self, x, global_scale, *, ptx):
+        blocks = self.encode_blocks(x, global_scale, e2m1.MAX_MAGNITUDE, ptx=ptx)
+        return e2m1.pack(blocks.codes.reshape(x.shape)), blocks.scale
+
+    def encode_blocks(self, x, global_scale, target, *, ptx) -> EncodedBlocks:
+        """x [..., D] encoded with each block scaled so that its absmax maps to
+        `target` (6 for nvfp4; at most 6) -> codes and scales by block."""
         blocks = e2m1.block_view(x, self.block_size)
         bad = e2m1.block_nonfinite(blocks)
         absmax = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0.0), axis=-1)
-        per_six = e2m1.divide(absmax, e2m1.MAX_MAGNITUDE, ptx=ptx)
-        wanted = jnp.minimum(e2m1.divide(per_six, global_scale, ptx=ptx), E4M3_MAX)
+        per_target = e2m1.divide(absmax, target, ptx=ptx)
+        wanted = jnp.minimum(e2m1.divide(per_target, global_scale, ptx=ptx), E4M3_MAX)
         block_scale = e2m1.round_to_float8(jnp.where(bad, jnp.nan, wanted), jnp.float8_e4m3fn)
-        denom = block_scale.astype(jnp.float32) * global_scale
-        safe = jnp.where(denom > 0, denom, 1.0)[..., None]
-        y = jnp.where(denom[..., None] > 0, e2m1.divide(blocks, safe, ptx=ptx), 0.0)
+        denominator = block_scale.astype(jnp.float32) * global_scale
+        safe = jnp.where(denominator > 0, denominator, 1.0)[..., None]
+        y = jnp.where(denominator[..., None] > 0, e2m1.divide(blocks, safe, ptx=ptx), 0.0)
         codes = e2m1.with_sign(e2m1.magnitude_index_nearest_even(jnp.abs(y)), y)
-        codes = jnp.where(bad[..., None], jnp.uint8(0), codes).reshape(x.shape)
-        return e2m1.pack(codes), block_scale
+        codes = jnp.where(bad[..., None], jnp.uint8(0), codes)
+        return EncodedBlocks(codes, block_scale, y, denominator)
 
     def decode(self, data, scales, global_scale) -> jax.Array:
         values = e2m1.block_view(e2m1.code_values(e2m1.unpack(data)), self.block_size)

@@ -29,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis.extra.numpy import arrays
 
 import fp4kv_jax
+from fp4kv_jax.formats import get_codec
 import reference_numpy as R
 from format_testing import (
     GLOBAL_SCALES,
@@ -40,7 +41,7 @@ from format_testing import (
     wide_float32,
 )
 
-ALL_FORMATS = ("fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4", "float32", "bf16", "fp16")
+ALL_FORMATS = ("fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4", "nvfp4_4over6", "float32", "bf16", "fp16")
 FP4 = R.FP4_FORMATS
 GRID = R.E2M1_MAGNITUDES  # 0, 0.5, 1, 1.5, 2, 3, 4, 6
 
@@ -322,7 +323,7 @@ def test_fp16_saturates_instead_of_overflowing():
 @settings(max_examples=15, deadline=None)
 @given(data=st.data())
 def test_nan_or_inf_stays_inside_its_block(fmt, data):
-    block = R.FP4_BLOCK.get(fmt, 1)  # per-element formats: a "block" is one element
+    block = get_codec(fmt).block_size or 1  # per-element formats: a "block" is one element
     x = data.draw(fp4_inputs(max(block, 16)), label="x")
     row = data.draw(st.integers(0, x.shape[0] - 1), label="row")
     col = data.draw(st.integers(0, x.shape[1] - 1), label="col")
@@ -340,7 +341,7 @@ def test_nan_or_inf_stays_inside_its_block(fmt, data):
     in_block[row, (col // block) * block : (col // block + 1) * block] = True
     np.testing.assert_array_equal(deq[~in_block], deq_clean[~in_block])
     assert np.isfinite(deq[~in_block]).all()
-    if fmt in FP4 or fmt.startswith("fp8") or np.isnan(bad_value):
+    if get_codec(fmt).block_size or fmt.startswith("fp8") or np.isnan(bad_value):
         assert np.isnan(deq[in_block]).all()  # FP4: the whole block; fp8: inf -> NaN
     else:
         assert deq[row, col] == bad_value  # float32 / bf16 / fp16 keep inf
@@ -354,6 +355,7 @@ EXPECTED_LAYOUT = {
     "fp4_e2m1": (np.uint8, 64, np.uint8, 8, False),
     "mxfp4": (np.uint8, 64, np.uint8, 4, False),
     "nvfp4": (np.uint8, 64, ml_dtypes.float8_e4m3fn, 8, True),
+    "nvfp4_4over6": (np.uint8, 64, ml_dtypes.float8_e4m3fn, 8, True),
     "fp8_e4m3": (ml_dtypes.float8_e4m3fn, 128, None, None, True),
     "fp8_e5m2": (ml_dtypes.float8_e5m2, 128, None, None, True),
     "float32": (np.float32, 128, None, None, False),
