@@ -1,7 +1,9 @@
-"""An exploration for issue 7's pure-FP4 goal, not yet a recipe: `fp4kv ablate` with
-NVFP4 block scales chosen by Four Over Six: each block is scaled so that its absmax
-maps to 6 or to 4, whichever gives the smaller squared error. The bytes decode as
-plain nvfp4, so only the encoder changes (here the portable one, on CPU).
+"""An exploration for issue 7's pure-FP4 goal: `fp4kv ablate` with NVFP4 block scales
+chosen by Four Over Six's squared error: each block is scaled so that its absmax maps
+to 6 or to 4, whichever gives the smaller squared error. The bytes decode as plain
+nvfp4, so only the encoder changes (here the portable one, on CPU). The format
+`nvfp4_4over6` makes the same choice by the largest error instead, which every backend
+computes alike; this script keeps the squared-error results reproducible.
 
     python docs/ablation/four_over_six_experiment.py -- \
         --cache-dtypes nvfp4+center_keys+center_values --out DIR
