@@ -24,6 +24,8 @@ What every layout shares:
 
 from __future__ import annotations
 
+import abc
+
 import jax
 import jax.numpy as jnp
 from jax._src.lib.mlir.dialects import arith
@@ -32,7 +34,7 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from fp4kv_jax.formats import Codec, QuantizedTensor, e2m1
 
 
-class Operands:
+class Operands(abc.ABC):
     """A lane's loads and decodes for one layer layout; subclasses fill in the decodes.
 
     Attributes:
@@ -87,15 +89,15 @@ class Operands:
     def load_value_row(self, at, r):
         return (self.e.load(at[0], self.value_bytes, r * self.row_bytes),)
 
+    @abc.abstractmethod
     def key_steps(self, raw):
         """One key row's A registers: for each k-step, (the pair of k 2t, 2t + 1; the
         pair of k 2t + 8, 2t + 9)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def value_pairs(self, raw_a, raw_b):
         """The lane's D/8 value channels of two positions a, b: the pair (channel at a,
         channel at b) of channel (D/8) g + i, for i in order."""
-        raise NotImplementedError
 
     def query_steps(self, words):
         """The B registers (b0, b1) of each k-step from the lane's query channels
