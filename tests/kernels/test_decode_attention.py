@@ -77,7 +77,7 @@ def test_mosaic_kernel_matches_reference(fmt, heads, kv_heads, head_dim, lengths
 
 def test_mosaic_kernel_refuses_what_it_does_not_handle():
     cache, q = _filled_cache(2, "fp8_e4m3", 4, 2, 64, [3], 64)
-    with pytest.raises(ValueError, match="'pallas_mosaic' handles fp4_e2m1, nvfp4, mxfp4, not 'fp8_e4m3'"):
+    with pytest.raises(ValueError, match="'pallas_mosaic' handles fp4_e2m1, nvfp4, nvfp4_4over6, mxfp4, not 'fp8_e4m3'; use 'pallas_triton'"):
         decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
     cache, q = _filled_cache(2, "nvfp4", 4, 2, 64, [3], 48)
     with pytest.raises(ValueError, match="capacity that is a multiple of 64, got 48"):
