@@ -187,6 +187,16 @@ def output_from_stored_values(out: jax.Array, layer) -> jax.Array:
     return out.astype(jnp.float32) + (mean[:, None] if out.ndim == 4 else mean)
 
 
+def refuse_per_channel_keys(layer, implementation: str) -> None:
+    """The Pallas kernels read block scales along head_dim: refuse a layer whose keys
+    have per-channel scales over blocks of positions, naming the implementation."""
+    if layer.keys_per_channel:
+        raise ValueError(
+            f"implementation: {implementation!r} does not read per-channel key scales "
+            "(per_channel_keys); use 'reference'."
+        )
+
+
 def refuse_kept_positions(layer, implementation: str) -> None:
     """The Pallas kernels read only the stored formats: refuse a layer keeping
     positions in full precision, naming the implementation."""

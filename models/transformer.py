@@ -77,14 +77,12 @@ class Attention(nnx.Module):
             before = cache.layers[layer]
             cache = kv_cache.write_layer(cache, layer, k, v, num_tokens)
             stored = cache.layers[layer]
-            full_k, full_v = (
-                kv_cache.kept_values(before, cache.lengths, k, v) if stored.keeps_positions else (None, None)
-            )
-            if q.shape[1] == 1:
-                out = decode_attention(
-                    q[:, 0], stored, cache.lengths + 1, sinks=sinks, full_k=full_k, full_v=full_v
-                )[:, None]
+            if q.shape[1] == 1:  # decode reads the layer's kept copies as written
+                out = decode_attention(q[:, 0], stored, cache.lengths + 1, sinks=sinks)[:, None]
             else:
+                full_k, full_v = (
+                    kv_cache.kept_values(before, cache.lengths, k, v) if stored.keeps_positions else (None, None)
+                )
                 out = prefill_attention(q, stored, cache.lengths, sinks=sinks, full_k=full_k, full_v=full_v)
         batch, chunk = x.shape[:2]
         return self.o_proj(out.reshape(batch, chunk, -1)), cache

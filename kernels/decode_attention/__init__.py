@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fp4kv_jax.cache import LayerCache
+from fp4kv_jax.cache import LayerCache, kept_values
 from fp4kv_jax.kernels import tiles
 from fp4kv_jax.kernels.decode_attention import pallas_mosaic, pallas_mosaic_warp, pallas_triton, reference
 from fp4kv_jax.kernels.prefill_attention import reference as prefill_reference
@@ -40,8 +40,6 @@ def decode_attention(
     *,
     sinks: jax.Array | None = None,
     sm_scale: float | None = None,
-    full_k: jax.Array | None = None,
-    full_v: jax.Array | None = None,
     implementation: str | None = None,
     **tuning,
 ) -> jax.Array:
@@ -52,16 +50,15 @@ def decode_attention(
         written to the cache). Hq must be a multiple of the layer's KV heads (GQA;
         Hkv = 1 is MQA).
       layer: the layer's stored K and V; its `window` (last W positions attended) and
-        `ring` layout are honoured.
+        `ring` layout are honoured, and so are the positions it keeps in full precision
+        (`LayerCache.kept_k`, written with the query's own K/V: the copies then hold
+        exactly the positions this query reads from them).
       lengths: int32 [B], valid positions per sequence (each >= 1).
       sinks: float [Hq] learned sink logits that join the softmax denominator only.
       sm_scale: softmax scale; default 1 / sqrt(D).
-      full_k, full_v: for a layer keeping positions in full precision
-        (`LayerCache.keeps_positions`) and only then: float [B, Hkv, capacity, D], the
-        full-precision keys and values by position (`fp4kv_jax.cache.kept_values`).
-        Such layers attend through the reference.
-      implementation: one of IMPLEMENTATIONS, or None for the default above
-        ("reference" for a layer keeping positions).
+      implementation: one of IMPLEMENTATIONS, or None for the default above. Layers
+        keeping positions are read by "reference" and "pallas_triton" (the default on
+        GPU), unless their keys have per-channel scales (the reference only).
       **tuning: passed to the Pallas implementation (num_splits for all; block_k and
         num_stages for pallas_triton and pallas_mosaic, num_warps for pallas_triton;
         block, prefetch and warpgroups for pallas_mosaic_warp).
@@ -69,14 +66,15 @@ def decode_attention(
     Returns:
       [B, Hq, D] in q's dtype.
     """
-    kept = tiles.kept_positions(layer, full_k, full_v)
-    implementation = implementation or ("reference" if kept else _default_implementation(q, layer))
+    implementation = implementation or _default_implementation(q, layer)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
         )
     batch, num_heads, head_dim = _check(q, layer, lengths, sinks)
     if implementation != "reference":
+        tiles.refuse_per_channel_keys(layer, implementation)
+    if implementation not in ("reference", "pallas_triton"):
         tiles.refuse_kept_positions(layer, implementation)
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     if layer.keys_rotated:
@@ -85,10 +83,12 @@ def decode_attention(
     if implementation == "reference":
         if tuning:
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
-        if kept:  # one query at position lengths - 1: a prefill of one token
+        if layer.keeps_positions:  # one query at position lengths - 1: a prefill of one token
+            nothing_new = jnp.zeros((batch, 0, layer.k.shape[1], head_dim))
+            full_k, full_v = kept_values(layer, lengths, nothing_new, nothing_new)
             out = prefill_reference.prefill_attention(
-                q[:, None], layer.k, layer.v, lengths - 1, kept=kept, keys_per_channel=layer.keys_per_channel,
-                **args,
+                q[:, None], layer.k, layer.v, lengths - 1, kept=(full_k, full_v, layer.keep_first, layer.keep_recent),
+                keys_per_channel=layer.keys_per_channel, **args,
             )[:, 0]
         else:
             out = reference.decode_attention(q, layer.k, layer.v, lengths, **args)
@@ -108,15 +108,18 @@ def decode_attention(
     else:
         tiles.check_one_format(layer.k, layer.v, arg="layer")
         interpret = tiles.interpret_mode(layer.k, layer.v, arg="layer")
+        kept = layer if layer.keeps_positions else None
         out = pallas_triton.decode_attention(
-            q, layer.k, layer.v, lengths, interpret=interpret, **args, **tuning
+            q, layer.k, layer.v, lengths, interpret=interpret, kept=kept, **args, **tuning
         )
     return tiles.output_from_stored_values(out, layer).astype(q.dtype)
 
 
 def _default_implementation(q, layer: LayerCache) -> str:
+    if layer.keys_per_channel:
+        return "reference"
     implementation = tiles.default_implementation(layer.k, layer.v)
-    if implementation == "pallas_triton":
+    if implementation == "pallas_triton" and not layer.keeps_positions:
         try:
             pallas_mosaic_warp.check_supported(layer.k, q.shape[1] // layer.k.shape[1])
         except ValueError:

@@ -20,9 +20,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.formats import QuantizedTensor, get_codec
 from fp4kv_jax.kernels import tiles
-from fp4kv_jax.kernels.decode_attention import splits
+from fp4kv_jax.kernels.decode_attention import kept_positions, splits
 
 _MIN_QUERY_ROWS = 16  # the tensor cores' smallest M
 
@@ -38,6 +39,8 @@ def _kernel(
     capacity: int,
     window: int | None,
     ring: bool,
+    skip_first: int,
+    skip_recent: int,
     compute_dtype,
     prefetch: bool,
     ptx: bool,
@@ -57,6 +60,9 @@ def _kernel(
     hi = jnp.minimum(jnp.minimum(split_start + chunk, capacity), length)
     if window is not None and not ring:
         lo = jnp.maximum(lo, length - window)
+    # A layer's full-precision positions (the first and the newest) are attended outside.
+    lo = jnp.maximum(lo, skip_first)
+    hi = jnp.minimum(hi, length - skip_recent)
     queries = [q_ref[p] for p in range(num_planes)]
 
     def load(ref, block):
@@ -139,8 +145,14 @@ def decode_attention(
     num_stages: int = 2,
     prefetch: bool | None = None,
     interpret: bool = False,
+    kept: LayerCache | None = None,
 ) -> jax.Array:
-    """q [B, Hq, D]; k, v stored [B, Hkv, S, D]; lengths int32 [B] -> [B, Hq, D] in q's dtype."""
+    """q [B, Hq, D]; k, v stored [B, Hkv, S, D]; lengths int32 [B] -> [B, Hq, D] in q's dtype.
+
+    kept: the layer, when it keeps positions in full precision (`LayerCache.kept_k`):
+      the kernel skips them and they join the merge as one more split
+      (`kept_positions`).
+    """
     codec = get_codec(k.fmt)
     batch, num_heads, head_dim = q.shape
     kv_heads, capacity = k.shape[1], k.shape[2]
@@ -174,6 +186,8 @@ def decode_attention(
         capacity=capacity,
         window=window,
         ring=ring,
+        skip_first=0 if kept is None else kept.keep_first,
+        skip_recent=0 if kept is None else kept.keep_recent,
         compute_dtype=compute_dtype,
         prefetch=prefetch,
         ptx=not interpret,
@@ -203,4 +217,9 @@ def decode_attention(
         interpret=interpret,
         name=f"decode_attention_{k.fmt}",
     )(lengths.astype(jnp.int32), q_planes, *stored)
+    if kept is not None:
+        kept_split = kept_positions.kept_state(
+            q, kept, lengths, sm_scale=sm_scale, rows=rows, num_planes=num_planes, value_factor=tiles.plane_factor(v)
+        )
+        out, peak, total = (jnp.concatenate(pair, axis=2) for pair in zip((out, peak, total), kept_split))
     return (splits.merge(out, peak, total, sinks, group) * tiles.plane_factor(v)).astype(q.dtype)

@@ -241,17 +241,61 @@ def test_compiled_kernels_refuse_a_head_dim_they_are_not_checked_at():
     assert decode_attention(q, cache.layers[0], cache.lengths).shape == q.shape  # the default: reference
 
 
-def test_a_layer_keeping_positions_needs_them_and_the_reference():
-    cache, q = _filled_cache(8, "nvfp4", 4, 2, 64, [10, 3], 16)
-    layer = dataclasses.replace(
-        cache.layers[0], kept_k=jnp.zeros((2, 2, 4, 64), jnp.bfloat16), kept_v=jnp.zeros((2, 2, 4, 64), jnp.bfloat16),
-        keep_recent=4,
-    )
-    full = jnp.zeros((2, 2, 16, 64))
-    with pytest.raises(ValueError, match="full_k, full_v: required for a layer keeping positions"):
-        decode_attention(q, layer, cache.lengths)
-    with pytest.raises(ValueError, match="'pallas_triton' does not read the full-precision positions"):
-        decode_attention(q, layer, cache.lengths, full_k=full, full_v=full, implementation="pallas_triton")
-    with pytest.raises(ValueError, match="full_k, full_v: the layer keeps no positions"):
-        decode_attention(q, cache.layers[0], cache.lengths, full_k=full, full_v=full)
-    assert decode_attention(q, layer, cache.lengths, full_k=full, full_v=full).shape == q.shape
+KEPT_CASES = [
+    # fmt, keep_first, keep_recent, lengths (some below the kept counts), window, sinks, rotated
+    ("nvfp4", 4, 16, [70, 9, 1], None, True, True),
+    ("mxfp4", 0, 32, [64, 40, 20], None, False, False),
+    ("fp8_e4m3", 8, 0, [50, 5, 12], None, True, False),
+    ("fp4_e2m1", 4, 8, [64, 30, 3], 24, False, True),  # window: kept first positions drop out
+]
+
+
+@pytest.mark.parametrize("fmt, keep_first, keep_recent, lengths, window, sinks, rotated", KEPT_CASES)
+def test_triton_kernel_reads_the_kept_positions_like_the_reference(fmt, keep_first, keep_recent, lengths, window,
+                                                                    sinks, rotated):
+    heads, kv_heads, head_dim, max_len = 8, 2, 64, 80
+    config = one_layer_config(heads, kv_heads, head_dim, window)
+    keys = jax.random.split(jax.random.key(sum(lengths) + keep_first), 3)
+    k = realistic_keys(keys[0], (len(lengths), max_len, kv_heads, head_dim))
+    v = jax.random.normal(keys[1], (len(lengths), max_len, kv_heads, head_dim))
+    cache = C.init_cache(config, len(lengths), max_len, fmt, keep_first=keep_first, keep_recent=keep_recent,
+                         rotate_keys=rotated, rotate_values=rotated)
+    cache = C.update(cache, [k], [v], num_tokens=jnp.asarray(lengths))
+    q = jax.random.normal(keys[2], (len(lengths), heads, head_dim), jnp.bfloat16)
+    sink_logits = jnp.linspace(-1.0, 2.0, heads) if sinks else None
+    layer = cache.layers[0]
+    ref = decode_attention(q, layer, cache.lengths, sinks=sink_logits, implementation="reference")
+    out = decode_attention(q, layer, cache.lengths, sinks=sink_logits, implementation="pallas_triton", block_k=16)
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    assert relative_error(out, ref) < 1e-2
+    # The kept positions matter: the stored layer alone attends differently.
+    plain = dataclasses.replace(layer, kept_k=None, kept_v=None, keep_first=0, keep_recent=0)
+    assert relative_error(decode_attention(q, plain, cache.lengths, sinks=sink_logits), ref) > 2e-2
+
+
+def test_the_reference_reads_kept_positions_in_full_precision():
+    config = one_layer_config(4, 2, 64, None)
+    k = realistic_keys(jax.random.key(3), (1, 40, 2, 64))
+    v = jax.random.normal(jax.random.key(4), (1, 40, 2, 64))
+    cache = C.init_cache(config, 1, 40, "fp4_e2m1", keep_first=4, keep_recent=8)
+    cache = C.update(cache, [k], [v])
+    q = jax.random.normal(jax.random.key(5), (1, 4, 64))
+    out = decode_attention(q, cache.layers[0], cache.lengths)
+    # Positions 0-3 and 32-39 are read in bf16, the others as stored (FP4).
+    stored_k, stored_v, _ = C.read_layer(cache, 0)  # [B, Hkv, S, D]
+    kept = ((jnp.arange(40) < 4) | (jnp.arange(40) >= 32))[None, None, :, None]
+    as_bf16 = lambda x: x.transpose(0, 2, 1, 3).astype(jnp.bfloat16).astype(jnp.float32)
+    k_read, v_read = jnp.where(kept, as_bf16(k), stored_k), jnp.where(kept, as_bf16(v), stored_v)
+    logits = jnp.einsum("bhgd,bhsd->bhgs", q.reshape(1, 2, 2, 64), k_read) / 8.0
+    expected = jnp.einsum("bhgs,bhsd->bhgd", jax.nn.softmax(logits, axis=-1), v_read).reshape(1, 4, 64)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=2e-5, atol=2e-6)
+
+
+def test_kernels_that_do_not_read_kept_positions_refuse_them():
+    q = jnp.zeros((2, 4, 64))
+    cache = C.init_cache(one_layer_config(4, 2, 64, None), 2, 64, "nvfp4", keep_recent=16, per_channel_keys=True)
+    with pytest.raises(ValueError, match="'pallas_triton' does not read per-channel key scales"):
+        decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_triton")
+    cache = C.init_cache(one_layer_config(4, 2, 64, None), 2, 64, "nvfp4", keep_recent=16)
+    with pytest.raises(ValueError, match="'pallas_mosaic' does not read the full-precision positions"):
+        decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")

@@ -1,0 +1,64 @@
+"""Decode over a layer that keeps positions in full precision (KIVI's sinks and recent
+window, `LayerCache.kept_k`): the kernel attends to the stored positions in between,
+this module to the kept ones, and the two softmax states merge like flash-decoding's
+splits (`splits.merge`, where the sinks join).
+
+For the query at position i = length - 1, after its own write, the layer's kept copies
+hold exactly what it reads from them: positions p < keep_first in slots 0.., and the
+last keep_recent positions in a ring (slot keep_first + p % keep_recent). The kernel
+then reads the stored positions [keep_first, length - keep_recent).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fp4kv_jax.cache import LayerCache
+from fp4kv_jax.kernels import tiles
+
+
+def kept_slot_positions(layer: LayerCache, lengths: jax.Array) -> jax.Array:
+    """int32 [B, keep_first + keep_recent]: the position each kept slot serves to the
+    newest query, or -1 where it serves none (not yet written, read from another slot,
+    or outside the layer's window)."""
+    first, recent = layer.keep_first, layer.keep_recent
+    lengths = lengths[:, None]
+    head = jnp.broadcast_to(jnp.arange(first), (lengths.shape[0], first))
+    newest = lengths - 1
+    ring = newest - (newest - jnp.arange(recent)[None, :]) % recent if recent else head[:, :0]
+    served = jnp.concatenate([head < lengths, (ring >= first) & (ring >= 0)], axis=1)
+    positions = jnp.concatenate([head, ring], axis=1)
+    if layer.window is not None:
+        served &= positions >= lengths - layer.window
+    return jnp.where(served, positions, -1)
+
+
+def kept_state(q: jax.Array, layer: LayerCache, lengths: jax.Array, *, sm_scale: float, rows: int,
+               num_planes: int, value_factor: jax.Array):
+    """The kept positions' softmax state, shaped as one more split of the kernels'.
+
+    Args:
+      q: float [B, Hq, D], in the layer's stored (rotated) frame.
+      rows: query rows per KV head in the kernel's states (the group, padded).
+      num_planes: the kernel's planes (`split_planes`) of its output.
+      value_factor: float32 [], what the merged output is multiplied by afterwards (V's
+        plane factor); the kept output is divided by it here.
+
+    Returns:
+      out float32 [B, Hkv, 1, P, rows, D / P] (unnormalized), peak and total float32
+      [B, Hkv, 1, rows], peaks in natural-log units.
+    """
+    batch, num_heads, head_dim = q.shape
+    kv_heads = layer.kept_k.shape[1]
+    group = num_heads // kv_heads
+    grouped = (q.astype(jnp.float32) * sm_scale).reshape(batch, kv_heads, group, head_dim)
+    grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    served = (kept_slot_positions(layer, lengths) >= 0)[:, None, None, :]  # [B, 1, 1, slots]
+    scores = jnp.einsum("bhrd,bhsd->bhrs", grouped, layer.kept_k.astype(jnp.float32))
+    scores = jnp.where(served, scores, tiles.MASKED)
+    peak = jnp.max(scores, axis=-1)
+    weights = jnp.where(served, jnp.exp(scores - peak[..., None]), 0.0)
+    out = jnp.einsum("bhrs,bhsd->bhrd", weights, layer.kept_v.astype(jnp.float32)) / value_factor
+    out = tiles.split_planes(out, num_planes)
+    return out[:, :, None], peak[:, :, None], jnp.sum(weights, axis=-1)[:, :, None]
