@@ -14,6 +14,8 @@ format. Speed is reported as a ratio to cuDNN bf16 from the same run.
     python benchmarks/decode_attention.py --out DIR       # also write results.json there
     python benchmarks/decode_attention.py --variants "block_k=64;block_k=64,rotated=1"
                                                           # rotated=1: Hadamard-rotated keys
+    python benchmarks/decode_attention.py --implementations pallas_triton --variants ";keep_first=32,keep_recent=128"
+                                                          # bf16 copies of the first 32 and newest 128
     python benchmarks/decode_attention.py --implementations pallas_mosaic_warp --variants "prefetch=0;"
                                                           # an empty variant: the defaults
 """
@@ -48,6 +50,18 @@ def handles(implementation: str, fmt: str) -> bool:
 
 def stored_layer(k, v, fmt, window=None):
     return LayerCache(k=quantize(k, fmt), v=quantize(v, fmt), window=window, ring=False)
+
+
+def keeping_positions(layer, k, v, lengths, keep_first: int, keep_recent: int):
+    """The layer with bf16 copies of each sequence's first `keep_first` and newest
+    `keep_recent` positions of k, v [B, Hkv, S, D], in `LayerCache.kept_k`'s slots."""
+    recent = jnp.arange(keep_recent)
+    newest = lengths[:, None] - 1
+    ring_positions = jnp.maximum(newest - (newest - recent[None, :]) % keep_recent, 0)  # [B, R]
+    positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(keep_first), (k.shape[0], keep_first)), ring_positions], 1)
+    take = jax.vmap(lambda x, p: x[:, p].astype(jnp.bfloat16))
+    return dataclasses.replace(layer, kept_k=take(k, positions), kept_v=take(v, positions),
+                               keep_first=keep_first, keep_recent=keep_recent)
 
 
 def check_correctness(formats, implementations) -> list[dict]:
@@ -114,9 +128,14 @@ def time_shape(shape, formats, implementations, variants, copy_tbs) -> list[dict
                 continue
             for variant in variants:
                 # `rotated=1` times a layer whose keys are stored Hadamard-rotated: the op
-                # then rotates the queries too (the same kernel otherwise).
-                tuning = {key: value for key, value in variant.items() if key != "rotated"}
+                # then rotates the queries too (the same kernel otherwise); keep_first and
+                # keep_recent a layer keeping those positions in bf16 (KIVI's window).
+                layer_options = ("rotated", "keep_first", "keep_recent")
+                tuning = {key: value for key, value in variant.items() if key not in layer_options}
                 timed = dataclasses.replace(layer, keys_rotated=bool(variant.get("rotated", 0)))
+                if variant.get("keep_first", 0) + variant.get("keep_recent", 0):
+                    timed = keeping_positions(timed, k, v, lengths, variant.get("keep_first", 0),
+                                              variant.get("keep_recent", 0))
                 fused = jax.jit(lambda q, layer, lengths, tuning=tuning, implementation=implementation:
                                 decode_attention(q, layer, lengths, implementation=implementation, **tuning))
                 try:
