@@ -63,9 +63,8 @@ def prefill_attention(
       full_k, full_v: for a layer keeping positions in full precision
         (`LayerCache.keeps_positions`) and only then: float [B, Hkv, capacity, D], the
         full-precision keys and values by position (`fp4kv_jax.cache.kept_values`).
-        Such layers attend through the reference.
       implementation: one of IMPLEMENTATIONS, or None for `tiles.default_implementation(layer.k, layer.v)`
-        ("reference" for a layer keeping positions).
+        ("reference" for per-channel keys, which only it reads).
       **tuning: passed to the Pallas implementation (block_t, block_k, num_warps,
         num_stages).
 
@@ -73,7 +72,9 @@ def prefill_attention(
       [B, T, Hq, D] in q's dtype.
     """
     kept = tiles.kept_positions(layer, full_k, full_v)
-    implementation = implementation or ("reference" if kept else tiles.default_implementation(layer.k, layer.v))
+    implementation = implementation or (
+        "reference" if layer.keys_per_channel else tiles.default_implementation(layer.k, layer.v)
+    )
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
@@ -97,11 +98,12 @@ def prefill_attention(
             q, layer.k, layer.v, start, kept=kept, keys_per_channel=layer.keys_per_channel, **args
         )
     else:
-        tiles.refuse_kept_positions(layer, implementation)
+        tiles.refuse_per_channel_keys(layer, implementation)
         tiles.check_one_format(layer.k, layer.v, arg="layer")
         interpret = tiles.interpret_mode(layer.k, layer.v, arg="layer")
+        kept_args = dict(zip(("full_k", "full_v", "keep_first", "keep_recent"), kept)) if kept else {}
         out = pallas_triton.prefill_attention(
-            q, layer.k, layer.v, start, interpret=interpret, **args, **tuning
+            q, layer.k, layer.v, start, interpret=interpret, **args, **kept_args, **tuning
         )
     return tiles.output_from_stored_values(out, layer).astype(q.dtype)
 

@@ -11,7 +11,10 @@ same planes as the decoded keys, as in decode attention.
 
 With `chunk_k`/`chunk_v` given, the stored positions before the chunk come from the
 cache and the chunk's own positions from those full-precision values, in a second
-loop.
+loop. With `kept` (a layer keeping positions in full precision, KIVI's sinks and recent
+window), a query at position i reads positions p < keep_first and p > i - keep_recent
+from the full-precision values by position instead, in loops of their own, and the
+stored loop skips them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def _kernel(
     codec,
     has_scales: bool,
     exact_chunk: bool,
+    keep_first: int,
+    keep_recent: int,
     chunk: int,
     block_t: int,
     block_k: int,
@@ -50,6 +55,8 @@ def _kernel(
 ):
     refs = list(refs)
     o_ref = refs.pop()
+    keeps = keep_first + keep_recent > 0
+    full_k_ref, full_v_ref = (refs.pop(-2), refs.pop()) if keeps else (None, None)
     chunk_k_ref, chunk_v_ref = (refs.pop(-2), refs.pop()) if exact_chunk else (None, None)
     if has_scales:
         k_data_ref, k_scales_ref, v_data_ref, v_scales_ref = refs
@@ -65,7 +72,8 @@ def _kernel(
     lowest = 0 if window is None else jnp.maximum(first - window + 1, 0)
     queries = [q_ref[p] for p in range(num_planes)]
 
-    def attend(carry, keys, values, key_positions, key_limit):
+    def attend(carry, keys, values, key_positions, key_limit, read=None):
+        """read: None, or which (key position, query position) pairs this loop serves."""
         outs, peak, total = carry
         scores = sum(
             plgpu.dot(qp, kp.astype(compute_dtype), trans_b=True, precision=precision)
@@ -78,6 +86,8 @@ def _kernel(
         )
         if window is not None:
             visible &= key_positions[None, :] > row_positions[:, None] - window
+        if read is not None:
+            visible &= read(key_positions[None, :], row_positions[:, None])
         scores = jnp.where(visible, scores, tiles.MASKED)
         new_peak = jnp.maximum(peak, jnp.max(scores, axis=1))
         correction = jnp.exp(peak - new_peak)
@@ -95,6 +105,7 @@ def _kernel(
 
     # Stored positions: the prefix only when the chunk comes in full precision.
     stored_end = start if exact_chunk else last
+    read_stored = (lambda p, i: (p >= keep_first) & (p <= i - keep_recent)) if keeps else None
 
     def stored_block(block, carry):
         keys = codec.decode_planes(load(k_data_ref, block), load(k_scales_ref, block), ptx=ptx)
@@ -106,7 +117,7 @@ def _kernel(
             positions = newest - (newest - slots) % capacity
         else:
             positions = slots
-        return attend(carry, keys, values, positions, stored_end)
+        return attend(carry, keys, values, positions, stored_end, read_stored)
 
     carry = (
         tuple(jnp.zeros((rows, plane_width), jnp.float32) for _ in range(num_planes)),
@@ -138,6 +149,31 @@ def _kernel(
             chunk_lowest // block_k, pl.cdiv(last - start, block_k), chunk_block, carry
         )
 
+    if keeps:
+        def full_block(read):
+            def body(block, carry):
+                keys, values = (
+                    [
+                        tiles.load_rows(ref, block, block_k, capacity, pl.ds(p * plane_width, plane_width))
+                        for p in range(num_planes)
+                    ]
+                    for ref in (full_k_ref, full_v_ref)
+                )
+                return attend(carry, keys, values, block * block_k + jnp.arange(block_k), last, read)
+
+            return body
+
+        if keep_first:
+            carry = lax.fori_loop(
+                0, pl.cdiv(keep_first, block_k), full_block(lambda p, i: p < keep_first), carry
+            )
+        if keep_recent:
+            newest_first = jnp.maximum(first - keep_recent + 1, 0)  # the block's oldest recent position
+            carry = lax.fori_loop(
+                newest_first // block_k, pl.cdiv(last, block_k),
+                full_block(lambda p, i: (p >= keep_first) & (p > i - keep_recent)), carry,
+            )
+
     outs, peak, total = carry
     # The sinks join the denominator only.
     sink = sinks_ref[...]
@@ -151,7 +187,10 @@ def _kernel(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "window", "ring", "block_t", "block_k", "num_warps", "num_stages", "interpret"),
+    static_argnames=(
+        "sm_scale", "window", "ring", "keep_first", "keep_recent", "block_t", "block_k", "num_warps", "num_stages",
+        "interpret",
+    ),
 )
 def prefill_attention(
     q: jax.Array,
@@ -165,6 +204,10 @@ def prefill_attention(
     sinks: jax.Array | None,
     chunk_k: jax.Array | None = None,
     chunk_v: jax.Array | None = None,
+    full_k: jax.Array | None = None,
+    full_v: jax.Array | None = None,
+    keep_first: int = 0,
+    keep_recent: int = 0,
     block_t: int | None = None,
     block_k: int = 64,
     num_warps: int = 4,
@@ -173,6 +216,10 @@ def prefill_attention(
 ) -> jax.Array:
     """q [B, T, Hq, D]; k, v stored [B, Hkv, S, D]; start int32 [B];
     chunk_k, chunk_v None or float [B, T, Hkv, D] -> [B, T, Hq, D] in q's dtype.
+
+    full_k, full_v: for a layer keeping positions, float [B, Hkv, S, D] full-precision
+      values by position (`cache.kept_values`), read for positions p < keep_first and
+      p > i - keep_recent of a query at i.
 
     block_t: chunk positions per program (default: 64 query rows' worth of the group).
     """
@@ -216,22 +263,31 @@ def prefill_attention(
         pl.BlockSpec((None, rows), lambda b, h, t: (h, 0)),
         *[whole(x) for x in stored],
     ]
+    def plane_rows(x, stored_tensor):
+        """Full-precision rows [B, Hkv, N, D] as the kernel reads them: without the plane
+        factor (as the planes are), plane p in columns [p * D/P, (p + 1) * D/P)."""
+        x = x.astype(jnp.float32) / tiles.plane_factor(stored_tensor)
+        planes = jnp.moveaxis(tiles.split_planes(x, num_planes), -3, -2)
+        return planes.reshape(*x.shape).astype(compute_dtype)
+
+    full_precision = []
     if exact_chunk:
-        for x, stored_tensor in ((chunk_k, k), (chunk_v, v)):
-            # The planes exclude the plane factor, so full-precision values must too.
-            x = x.astype(jnp.float32) / tiles.plane_factor(stored_tensor)
-            x = jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, padded_chunk - chunk), (0, 0)))
-            # [B, Hkv, T', D] with plane p in columns [p * D/P, (p + 1) * D/P).
-            planes = jnp.moveaxis(tiles.split_planes(x, num_planes), -3, -2)
-            x = planes.reshape(batch, kv_heads, padded_chunk, head_dim)
-            inputs.append(x.astype(compute_dtype))
-            in_specs.append(whole(x))
+        pad = ((0, 0), (0, 0), (0, padded_chunk - chunk), (0, 0))
+        full_precision += [(jnp.pad(chunk_k.transpose(0, 2, 1, 3), pad), k), (jnp.pad(chunk_v.transpose(0, 2, 1, 3), pad), v)]
+    if keep_first + keep_recent:
+        full_precision += [(full_k, k), (full_v, v)]
+    for x, stored_tensor in full_precision:
+        x = plane_rows(x, stored_tensor)
+        inputs.append(x)
+        in_specs.append(whole(x))
 
     kernel = functools.partial(
         _kernel,
         codec=codec,
         has_scales=has_scales,
         exact_chunk=exact_chunk,
+        keep_first=keep_first,
+        keep_recent=keep_recent,
         chunk=chunk,
         block_t=block_t,
         block_k=block_k,
