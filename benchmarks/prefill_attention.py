@@ -13,7 +13,8 @@ TFLOP/s counts the causal work, 4 * D * (attended query-key pairs) * Hq, for eve
 row. It first checks the kernel against the float32 reference on a small shape.
 
     python benchmarks/prefill_attention.py [--formats ...] [--variants "block_t=8;block_k=32"]
-    (a variant's rotated=1 times Hadamard-rotated keys)
+    (a variant's rotated=1 times Hadamard-rotated keys; keep_first=N,keep_recent=M a layer
+    keeping those positions in full precision, as `fp4kv_jax.cache.kept_values` gives them)
 """
 
 from __future__ import annotations
@@ -75,12 +76,19 @@ def time_workload(name, head_dim, formats, variants) -> list[dict]:
         for variant in variants:
             # `rotated=1` times a layer whose keys are stored Hadamard-rotated: the op
             # then rotates the queries too (the same kernel otherwise).
-            tuning = {key: value for key, value in variant.items() if key != "rotated"}
+            layer_options = ("rotated", "keep_first", "keep_recent")
+            tuning = {key: value for key, value in variant.items() if key not in layer_options}
             timed = dataclasses.replace(layer, keys_rotated=bool(variant.get("rotated", 0)))
-            fused = jax.jit(lambda q, layer, start, tuning=tuning: prefill_attention(
-                q, layer, start, implementation="pallas_triton", **tuning))
+            first, recent = variant.get("keep_first", 0), variant.get("keep_recent", 0)
+            kept = {}
+            if first + recent:
+                copies = jnp.zeros((1, KV_HEADS, first + recent, head_dim), jnp.bfloat16)  # decode's; unread here
+                timed = dataclasses.replace(timed, kept_k=copies, kept_v=copies, keep_first=first, keep_recent=recent)
+                kept = dict(full_k=k, full_v=v)  # by position, as cache.kept_values gives them
+            fused = jax.jit(lambda q, layer, start, kept, tuning=tuning: prefill_attention(
+                q, layer, start, implementation="pallas_triton", **kept, **tuning))
             try:
-                ms = median_ms(fused, q, timed, start, repeats=10, calls=3)
+                ms = median_ms(fused, q, timed, start, kept, repeats=10, calls=3)
             except Exception as error:  # a variant that does not compile is reported, not fatal
                 print(f"{name} D={head_dim} {fmt} {variant}: {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
                 continue
