@@ -11,10 +11,10 @@ same planes as the decoded keys, as in decode attention.
 
 With `chunk_k`/`chunk_v` given, the stored positions before the chunk come from the
 cache and the chunk's own positions from those full-precision values, in a second
-loop. With `kept` (a layer keeping positions in full precision, KIVI's sinks and recent
-window), a query at position i reads positions p < keep_first and p > i - keep_recent
-from the full-precision values by position instead, in loops of their own, and the
-stored loop skips them.
+loop. For a layer keeping positions in full precision (KIVI's sinks and recent window:
+`full_k`/`full_v`, `keep_first`, `keep_recent`), a query at position i reads positions
+p < keep_first and p > i - keep_recent from the full-precision values by position
+instead, in loops of their own, and the stored loop skips them.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def _kernel(
                 0, pl.cdiv(keep_first, block_k), full_block(lambda p, i: p < keep_first), carry
             )
         if keep_recent:
-            newest_first = jnp.maximum(first - keep_recent + 1, 0)  # the block's oldest recent position
+            newest_first = jnp.maximum(first - keep_recent + 1, 0)  # the oldest recent key of the block's first query
             carry = lax.fori_loop(
                 newest_first // block_k, pl.cdiv(last, block_k),
                 full_block(lambda p, i: (p >= keep_first) & (p > i - keep_recent)), carry,
@@ -263,6 +263,7 @@ def prefill_attention(
         pl.BlockSpec((None, rows), lambda b, h, t: (h, 0)),
         *[whole(x) for x in stored],
     ]
+
     def plane_rows(x, stored_tensor):
         """Full-precision rows [B, Hkv, N, D] as the kernel reads them: without the plane
         factor (as the planes are), plane p in columns [p * D/P, (p + 1) * D/P)."""
