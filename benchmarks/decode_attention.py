@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from common import copy_bandwidth_tbs, formats_arg, median_ms, realistic_kv, run_header, variants_arg
 from fp4kv_jax import get_codec, quantize
-from fp4kv_jax.cache import LayerCache
+from fp4kv_jax.cache import LayerCache, kept_slot_positions
 from fp4kv_jax.formats import dequantize
 from fp4kv_jax.kernels.decode_attention import IMPLEMENTATIONS, decode_attention
 from fp4kv_jax.kernels.decode_attention import pallas_mosaic, pallas_mosaic_warp
@@ -55,13 +55,10 @@ def stored_layer(k, v, fmt, window=None):
 def keeping_positions(layer, k, v, lengths, keep_first: int, keep_recent: int):
     """The layer with bf16 copies of each sequence's first `keep_first` and newest
     `keep_recent` positions of k, v [B, Hkv, S, D], in `LayerCache.kept_k`'s slots."""
-    recent = jnp.arange(keep_recent)
-    newest = lengths[:, None] - 1
-    ring_positions = jnp.maximum(newest - (newest - recent[None, :]) % keep_recent, 0)  # [B, R]
-    positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(keep_first), (k.shape[0], keep_first)), ring_positions], 1)
+    layer = dataclasses.replace(layer, keep_first=keep_first, keep_recent=keep_recent)
+    positions = jnp.maximum(kept_slot_positions(layer, lengths), 0)  # all held in a full cache
     take = jax.vmap(lambda x, p: x[:, p].astype(jnp.bfloat16))
-    return dataclasses.replace(layer, kept_k=take(k, positions), kept_v=take(v, positions),
-                               keep_first=keep_first, keep_recent=keep_recent)
+    return dataclasses.replace(layer, kept_k=take(k, positions), kept_v=take(v, positions))
 
 
 def check_correctness(formats, implementations) -> list[dict]:

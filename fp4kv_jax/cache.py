@@ -464,12 +464,10 @@ def kept_values(
       rounded to bf16 as kept; positions no query of the chunk reads from them are 0.
     """
     k, v = to_stored_frame(before, k, v)
-    capacity, first, recent = before.capacity, before.keep_first, before.keep_recent
-    chunk = k.shape[1]
+    capacity, chunk = before.capacity, k.shape[1]
     # Kept slots by the position they held before the chunk; the chunk after them.
-    ring = positions_in_slots(start, recent, ring=True) if recent else jnp.zeros((start.shape[0], 0), jnp.int32)
-    held = jnp.concatenate([jnp.broadcast_to(jnp.arange(first), (start.shape[0], first)), ring], axis=1)
-    held = jnp.where((held >= 0) & (held < start[:, None]), held, capacity)
+    held = kept_slot_positions(before, start)
+    held = jnp.where(held >= 0, held, capacity)
     chunk_positions = start[:, None] + jnp.arange(chunk)[None, :]
 
     def by_position(kept, new):
@@ -483,6 +481,17 @@ def kept_values(
         return jax.vmap(per_sequence)(full, kept, held, new, chunk_positions)
 
     return by_position(before.kept_k, k), by_position(before.kept_v, v)
+
+
+def kept_slot_positions(layer: LayerCache, lengths: jax.Array) -> jax.Array:
+    """int32 [B, keep_first + keep_recent]: the position each slot of the layer's kept
+    copies (`LayerCache.kept_k`) holds once the sequences have `lengths` [B] tokens, or
+    -1 where it holds none."""
+    batch = lengths.shape[0]
+    first = jnp.broadcast_to(jnp.arange(layer.keep_first), (batch, layer.keep_first))
+    ring = positions_in_slots(lengths, layer.keep_recent, ring=True) if layer.keep_recent else first[:, :0]
+    held = jnp.concatenate([first, ring], axis=1)
+    return jnp.where((held >= 0) & (held < lengths[:, None]), held, -1)
 
 
 def advance(cache: KVCache, num_tokens: jax.Array | int) -> KVCache:

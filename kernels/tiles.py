@@ -94,6 +94,12 @@ def default_implementation(*tensors: QuantizedTensor) -> str:
     return "pallas_triton" if on_gpu_now and addressable and one_format and checked else "reference"
 
 
+def default_attention_implementation(layer) -> str:
+    """The attention ops' default for a stored layer: `default_implementation` of its K
+    and V, except the reference for keys with per-channel scales, which only it reads."""
+    return "reference" if layer.keys_per_channel else default_implementation(layer.k, layer.v)
+
+
 def check_one_format(k: QuantizedTensor, v: QuantizedTensor, *, arg: str) -> None:
     """The Pallas attention kernels decode K and V with one codec: refuse a layer whose
     keys and values are stored in different formats, naming `arg`."""

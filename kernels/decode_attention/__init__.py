@@ -116,9 +116,7 @@ def decode_attention(
 
 
 def _default_implementation(q, layer: LayerCache) -> str:
-    if layer.keys_per_channel:
-        return "reference"
-    implementation = tiles.default_implementation(layer.k, layer.v)
+    implementation = tiles.default_attention_implementation(layer)
     if implementation == "pallas_triton" and not layer.keeps_positions:
         try:
             pallas_mosaic_warp.check_supported(layer.k, q.shape[1] // layer.k.shape[1])

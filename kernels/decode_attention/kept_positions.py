@@ -14,23 +14,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fp4kv_jax.cache import LayerCache
+from fp4kv_jax.cache import LayerCache, kept_slot_positions
 from fp4kv_jax.kernels import tiles
 
 
-def kept_slot_positions(layer: LayerCache, lengths: jax.Array) -> jax.Array:
+def served_slot_positions(layer: LayerCache, lengths: jax.Array) -> jax.Array:
     """int32 [B, keep_first + keep_recent]: the position each kept slot serves to the
-    newest query, or -1 where it serves none (not yet written, read from another slot,
-    or outside the layer's window)."""
-    first, recent = layer.keep_first, layer.keep_recent
-    lengths = lengths[:, None]
-    head = jnp.broadcast_to(jnp.arange(first), (lengths.shape[0], first))
-    newest = lengths - 1
-    ring = newest - (newest - jnp.arange(recent)[None, :]) % recent if recent else head[:, :0]
-    served = jnp.concatenate([head < lengths, (ring >= first) & (ring >= 0)], axis=1)
-    positions = jnp.concatenate([head, ring], axis=1)
+    newest query, or -1 where it serves none (not yet written, a ring slot repeating a
+    first position, or outside the layer's window)."""
+    positions = kept_slot_positions(layer, lengths)
+    in_ring = jnp.arange(positions.shape[1]) >= layer.keep_first
+    served = (positions >= 0) & (~in_ring | (positions >= layer.keep_first))
     if layer.window is not None:
-        served &= positions >= lengths - layer.window
+        served &= positions >= lengths[:, None] - layer.window
     return jnp.where(served, positions, -1)
 
 
@@ -54,7 +50,7 @@ def kept_state(q: jax.Array, layer: LayerCache, lengths: jax.Array, *, sm_scale:
     group = num_heads // kv_heads
     grouped = (q.astype(jnp.float32) * sm_scale).reshape(batch, kv_heads, group, head_dim)
     grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
-    served = (kept_slot_positions(layer, lengths) >= 0)[:, None, None, :]  # [B, 1, 1, slots]
+    served = (served_slot_positions(layer, lengths) >= 0)[:, None, None, :]  # [B, 1, 1, slots]
     scores = jnp.einsum("bhrd,bhsd->bhrs", grouped, layer.kept_k.astype(jnp.float32))
     scores = jnp.where(served, scores, tiles.MASKED)
     peak = jnp.max(scores, axis=-1)

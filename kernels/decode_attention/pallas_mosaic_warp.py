@@ -78,14 +78,10 @@ def check_supported(k: QuantizedTensor, group: int, block: int | None = None) ->
     the format's default)."""
     if block is not None and block not in BLOCKS:
         raise ValueError(f"block: one of {BLOCKS}, got {block!r}.")
-    # The capacity is checked against the block once the format's default is known.
-    splits.check_layer("pallas_mosaic_warp", k, group, 1, SUPPORTED_FORMATS)
-    block = operands_for(get_codec(k.fmt)).default_block if block is None else block
-    if k.shape[-2] % block:
-        raise ValueError(
-            f"implementation: 'pallas_mosaic_warp' needs a cache capacity that is a multiple of "
-            f"the block of {block} positions, got {k.shape[-2]}."
-        )
+    layout = operands_for(get_codec(k.fmt))
+    if block is None and layout is not None:  # a format without one is refused below
+        block = layout.default_block
+    splits.check_layer("pallas_mosaic_warp", k, group, block or BLOCKS[0], SUPPORTED_FORMATS)
 
 
 def _emit(refs, *, codec, head_dim, group, head_tiles, block, tensor_arrays, chunk, capacity, window, ring,

@@ -63,8 +63,8 @@ def prefill_attention(
       full_k, full_v: for a layer keeping positions in full precision
         (`LayerCache.keeps_positions`) and only then: float [B, Hkv, capacity, D], the
         full-precision keys and values by position (`fp4kv_jax.cache.kept_values`).
-      implementation: one of IMPLEMENTATIONS, or None for `tiles.default_implementation(layer.k, layer.v)`
-        ("reference" for per-channel keys, which only it reads).
+      implementation: one of IMPLEMENTATIONS, or None for
+        `tiles.default_attention_implementation(layer)`.
       **tuning: passed to the Pallas implementation (block_t, block_k, num_warps,
         num_stages).
 
@@ -72,9 +72,7 @@ def prefill_attention(
       [B, T, Hq, D] in q's dtype.
     """
     kept = tiles.kept_positions(layer, full_k, full_v)
-    implementation = implementation or (
-        "reference" if layer.keys_per_channel else tiles.default_implementation(layer.k, layer.v)
-    )
+    implementation = implementation or tiles.default_attention_implementation(layer)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
