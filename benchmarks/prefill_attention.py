@@ -2,7 +2,8 @@
 
 In one run, for 64 query / 8 KV heads at D=128 and D=64, it times:
   cudnn  jax.nn.dot_product_attention(implementation="cudnn") on bf16 K/V;
-  ours   fp4kv_jax.kernels.prefill_attention (pallas_triton) over each cache format;
+  ours   fp4kv_jax.kernels.prefill_attention over each cache format, through each
+         implementation that handles it (pallas_triton; pallas_mosaic for packed FP4);
 for two workloads:
   prompt  an 8k prompt in one chunk (causal; cuDNN with is_causal=True);
   chunk   a 2k chunk over a 32k cached prefix. cuDNN has no bottom-right causal mask,
@@ -12,7 +13,7 @@ for two workloads:
 TFLOP/s counts the causal work, 4 * D * (attended query-key pairs) * Hq, for every
 row. It first checks the kernel against the float32 reference on a small shape.
 
-    python benchmarks/prefill_attention.py [--formats ...] [--variants "block_t=8;block_k=32"]
+    python benchmarks/prefill_attention.py [--formats ...] [--implementations ...] [--variants "block_k=64;..."]
     (a variant's rotated=1 times Hadamard-rotated keys; keep_first=N,keep_recent=M a layer
     keeping those positions in full precision, as `fp4kv_jax.cache.kept_values` gives them)
 """
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from common import formats_arg, median_ms, realistic_kv, run_header, variants_arg
 from fp4kv_jax import quantize
 from fp4kv_jax.cache import LayerCache
-from fp4kv_jax.kernels.prefill_attention import prefill_attention
+from fp4kv_jax.kernels.prefill_attention import pallas_mosaic, prefill_attention
 
 HEADS, KV_HEADS = 64, 8
 WORKLOADS = {"prompt": (0, 8192), "chunk": (32768, 2048)}  # (prefix, chunk)
@@ -39,8 +40,12 @@ def causal_pairs(prefix: int, chunk: int) -> int:
     return chunk * prefix + chunk * (chunk + 1) // 2
 
 
-def check_correctness(formats) -> list[dict]:
-    """Kernel vs reference: 2 sequences, prefixes 0 and 300, a 200-token chunk, GQA 8."""
+def handles(implementation: str, fmt: str) -> bool:
+    return implementation != "pallas_mosaic" or fmt in pallas_mosaic.SUPPORTED_FORMATS
+
+
+def check_correctness(formats, implementations) -> list[dict]:
+    """Kernels vs reference: 2 sequences, prefixes 0 and 300, a 200-token chunk, GQA 8."""
     rows = []
     k, v = realistic_kv(jax.random.key(0), 2, 2, 512, 128)
     q = jax.random.normal(jax.random.key(1), (2, 200, 16, 128), jnp.bfloat16)
@@ -48,13 +53,14 @@ def check_correctness(formats) -> list[dict]:
     for fmt in formats:
         layer = LayerCache(k=quantize(k, fmt), v=quantize(v, fmt), window=None, ring=False)
         ref = prefill_attention(q, layer, start, implementation="reference").astype(jnp.float32)
-        out = prefill_attention(q, layer, start, implementation="pallas_triton").astype(jnp.float32)
-        err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-        rows.append(dict(fmt=fmt, rel_err=err, finite=bool(jnp.all(jnp.isfinite(out)))))
+        for implementation in (i for i in implementations if handles(i, fmt)):
+            out = prefill_attention(q, layer, start, implementation=implementation).astype(jnp.float32)
+            err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+            rows.append(dict(fmt=fmt, impl=implementation, rel_err=err, finite=bool(jnp.all(jnp.isfinite(out)))))
     return rows
 
 
-def time_workload(name, head_dim, formats, variants) -> list[dict]:
+def time_workload(name, head_dim, formats, implementations, variants) -> list[dict]:
     prefix, chunk = WORKLOADS[name]
     total = prefix + chunk
     k, v = realistic_kv(jax.random.key(2), 1, KV_HEADS, total, head_dim)
@@ -73,7 +79,7 @@ def time_workload(name, head_dim, formats, variants) -> list[dict]:
     start = jnp.array([prefix], jnp.int32)
     for fmt in formats:
         layer = LayerCache(k=quantize(k, fmt), v=quantize(v, fmt), window=None, ring=False)
-        for variant in variants:
+        for implementation, variant in ((i, v) for i in implementations if handles(i, fmt) for v in variants):
             # `rotated=1` times a layer whose keys are stored Hadamard-rotated: the op
             # then rotates the queries too (the same kernel otherwise).
             layer_options = ("rotated", "keep_first", "keep_recent")
@@ -85,14 +91,15 @@ def time_workload(name, head_dim, formats, variants) -> list[dict]:
                 copies = jnp.zeros((1, KV_HEADS, first + recent, head_dim), jnp.bfloat16)  # decode's; unread here
                 timed = dataclasses.replace(timed, kept_k=copies, kept_v=copies, keep_first=first, keep_recent=recent)
                 kept = dict(full_k=k, full_v=v)  # by position, as cache.kept_values gives them
-            fused = jax.jit(lambda q, layer, start, kept, tuning=tuning: prefill_attention(
-                q, layer, start, implementation="pallas_triton", **kept, **tuning))
+            fused = jax.jit(lambda q, layer, start, kept, implementation=implementation, tuning=tuning: prefill_attention(
+                q, layer, start, implementation=implementation, **kept, **tuning))
             try:
                 ms = median_ms(fused, q, timed, start, kept, repeats=10, calls=3)
-            except Exception as error:  # a variant that does not compile is reported, not fatal
-                print(f"{name} D={head_dim} {fmt} {variant}: {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
+            except Exception as error:  # a variant that does not compile or apply is reported, not fatal
+                print(f"{name} D={head_dim} {fmt} {implementation} {variant}: {type(error).__name__}: "
+                      f"{str(error)[:300]}", file=sys.stderr)
                 continue
-            rows.append(dict(shape, impl="ours", fmt=fmt, variant=variant, ms=ms))
+            rows.append(dict(shape, impl=implementation, fmt=fmt, variant=variant, ms=ms))
         del layer
     for row in rows:
         row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
@@ -117,7 +124,8 @@ def table(rows) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="bf16,fp8_e4m3,fp4_e2m1,nvfp4,mxfp4")
-    parser.add_argument("--variants", default="block_k=64", help="';'-separated k=v,k=v tuning sets")
+    parser.add_argument("--implementations", default="pallas_triton,pallas_mosaic")
+    parser.add_argument("--variants", default="", help="';'-separated k=v,k=v tuning sets ('' the defaults)")
     parser.add_argument("--head-dims", default="128,64")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"any of {', '.join(WORKLOADS)}")
     args = parser.parse_args()
@@ -127,13 +135,14 @@ def main() -> int:
     formats = formats_arg(parser, args.formats)
     variants = variants_arg(args.variants)
     print(run_header())
-    checks = check_correctness(formats)
+    implementations = args.implementations.split(",")
+    checks = check_correctness(formats, implementations)
     for c in checks:
-        print(f"check {c['fmt']:9s}: rel_err={c['rel_err']:.2e} finite={c['finite']}")
+        print(f"check {c['fmt']:12s} {c['impl']:13s}: rel_err={c['rel_err']:.2e} finite={c['finite']}")
     rows = []
     for head_dim in (int(d) for d in args.head_dims.split(",")):
         for name in args.workloads.split(","):
-            shape_rows = time_workload(name, head_dim, formats, variants)
+            shape_rows = time_workload(name, head_dim, formats, implementations, variants)
             print(table(shape_rows), flush=True)
             rows += shape_rows
     print("\n" + table(rows))

@@ -34,10 +34,9 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fp4kv_jax.formats import QuantizedTensor, get_codec
-from fp4kv_jax.kernels import tiles
+from fp4kv_jax.kernels import mosaic_tiles, tiles
 from fp4kv_jax.kernels.decode_attention import splits
 
-_SCALE_ROW = 16  # block scales are copied as [*, 16]-byte rows (TMA's 16-byte minimum)
 SUPPORTED_FORMATS = splits.PACKED_FP4_FORMATS
 
 
@@ -47,23 +46,6 @@ SUPPORTED_FORMATS = splits.PACKED_FP4_FORMATS
 COMPILER_PARAMS = plgpu.CompilerParams(
     lowering_semantics=mgpu.LoweringSemantics.Lane, approx_math=True, unsafe_no_auto_barriers=True
 )
-
-
-def swizzled_tile(rows: int, cols: int, dtype=jnp.bfloat16) -> plgpu.SMEM:
-    """A [rows, cols] shared tile in wgmma's 128-byte-swizzled layout."""
-    cols_per_tile = 128 // jnp.dtype(dtype).itemsize
-    transforms = (plgpu.TilingTransform((8, cols_per_tile)), plgpu.SwizzleTransform(128))
-    return plgpu.SMEM((rows, cols), dtype, transforms=transforms)
-
-
-def _decode_portable(codec, data_ref, scales_ref, out_ref):
-    """Packed tile [R, D/2] and its scale rows -> bf16 plane-major tile [R, D]."""
-    rows = data_ref.shape[0]
-    scales = scales_ref[...].reshape(rows, -1)
-    if jnp.dtype(codec.scale_dtype) != jnp.uint8:
-        scales = lax.bitcast_convert_type(scales, codec.scale_dtype)
-    even, odd = codec.decode_planes(data_ref[...], scales, ptx=False)
-    out_ref[...] = jnp.concatenate([even, odd], axis=1).astype(jnp.bfloat16)
 
 
 def _kernel(
@@ -158,9 +140,9 @@ def _kernel(
 
     out, peak, total = pl.run_scoped(
         attend,
-        swizzled_tile(block_k, head_dim),  # decoded keys
-        swizzled_tile(block_k, head_dim),  # decoded values
-        swizzled_tile(head_rows, block_k),  # P, the weights
+        mosaic_tiles.swizzled_tile(block_k, head_dim),  # decoded keys
+        mosaic_tiles.swizzled_tile(block_k, head_dim),  # decoded values
+        mosaic_tiles.swizzled_tile(head_rows, block_k),  # P, the weights
     )
 
     plgpu.commit_smem()  # every warp is done with `attend`'s tiles
@@ -184,14 +166,6 @@ def check_supported(k: QuantizedTensor, group: int, block_k: int = 64) -> None:
     """Raises ValueError unless this implementation handles the layer's K (and V) for a
     GQA group of `group` query heads per KV head."""
     splits.check_layer("pallas_mosaic", k, group, block_k, SUPPORTED_FORMATS)
-
-
-def scale_rows(scales: jax.Array) -> jax.Array:
-    """Block scales [B, H, S, D/bs] -> uint8 [B, H, S * D/bs / 16, 16], TMA-copyable."""
-    if scales.dtype != jnp.uint8:
-        scales = lax.bitcast_convert_type(scales, jnp.uint8)
-    batch, heads = scales.shape[:2]
-    return scales.reshape(batch, heads, -1, _SCALE_ROW)
 
 
 @functools.partial(
@@ -226,13 +200,9 @@ def decode_attention(
     qg = splits.grouped_queries(q, k, head_rows, sm_scale)
     q_planes = jnp.concatenate([qg[..., 0::2], qg[..., 1::2]], axis=-1).astype(jnp.bfloat16)
 
-    block_scale_rows = block_k * head_dim // codec.block_size // _SCALE_ROW
-    if interpret:
-        decode = functools.partial(_decode_portable, codec)
-    else:
-        from fp4kv_jax.kernels.decode_attention import decode_tile_ptx
-
-        decode = functools.partial(decode_tile_ptx.decode_tile, codec)
+    block_scale_rows = block_k * head_dim // codec.block_size // mosaic_tiles.SCALE_ROW
+    decode = mosaic_tiles.decode_portable if interpret else mosaic_tiles.decode_tile_ptx
+    decode = functools.partial(decode, codec)
 
     packed = (block_k, head_dim // 2)
     kernel = functools.partial(
@@ -248,11 +218,11 @@ def decode_attention(
             jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, head_rows), jnp.float32),
         ),
         scratch_types=(
-            swizzled_tile(head_rows, head_dim, jnp.bfloat16),  # q, plane-major
+            mosaic_tiles.swizzled_tile(head_rows, head_dim, jnp.bfloat16),  # q, plane-major
             stage(packed),
-            stage((block_scale_rows, _SCALE_ROW)),
+            stage((block_scale_rows, mosaic_tiles.SCALE_ROW)),
             stage(packed),
-            stage((block_scale_rows, _SCALE_ROW)),
+            stage((block_scale_rows, mosaic_tiles.SCALE_ROW)),
             plgpu.Barrier(num_barriers=1),
             plgpu.Barrier(num_arrivals=4, num_barriers=num_stages),  # K, V data and scales
         ),
@@ -262,7 +232,7 @@ def decode_attention(
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )(
         lengths.astype(jnp.int32), q_planes,
-        k.data, scale_rows(k.scales), v.data, scale_rows(v.scales),
+        k.data, mosaic_tiles.scale_rows(k.scales), v.data, mosaic_tiles.scale_rows(v.scales),
     )
     # O^T [D plane-major, N] -> [P, N, D/P], the layout the split merge takes.
     out = jnp.swapaxes(out, -1, -2).reshape(batch, kv_heads, num_split_programs, head_rows, 2, head_dim // 2)

@@ -15,8 +15,12 @@ Implementations:
   "reference"      float32 jnp: dequantize the layer, then attend (any backend).
   "pallas_triton"  fused dequantize-and-attend flash kernel; on CPU it runs in Pallas
                    interpret mode.
-The default is "pallas_triton" on GPU (for buffers its 32-bit offsets can address) and
-"reference" elsewhere.
+  "pallas_mosaic"  the same for packed FP4 caches on Hopper (Mosaic GPU lowering: TMA,
+                   wgmma, a warpgroup decoding the cache for two computing ones); on
+                   CPU it runs in Mosaic GPU interpret mode with one warpgroup. It
+                   attends to the chunk as stored, in layers without kept positions.
+The default on GPU is "pallas_mosaic" where it applies and "pallas_triton" otherwise
+(for buffers its 32-bit offsets can address); "reference" elsewhere.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ import jax.numpy as jnp
 
 from fp4kv_jax.cache import LayerCache, to_stored_frame
 from fp4kv_jax.kernels import tiles
-from fp4kv_jax.kernels.prefill_attention import pallas_triton, reference
+from fp4kv_jax.kernels.prefill_attention import pallas_mosaic, pallas_triton, reference
 from fp4kv_jax.rotation import hadamard_rotate
 
-IMPLEMENTATIONS = ("reference", "pallas_triton")
+IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
 
 
 def prefill_attention(
@@ -63,16 +67,16 @@ def prefill_attention(
       full_k, full_v: for a layer keeping positions in full precision
         (`LayerCache.keeps_positions`) and only then: float [B, Hkv, capacity, D], the
         full-precision keys and values by position (`fp4kv_jax.cache.kept_values`).
-      implementation: one of IMPLEMENTATIONS, or None for
-        `tiles.default_attention_implementation(layer)`.
-      **tuning: passed to the Pallas implementation (block_t, block_k, num_warps,
-        num_stages).
+      implementation: one of IMPLEMENTATIONS, or None for the default above.
+      **tuning: passed to the Pallas implementation (block_k and num_stages for both;
+        block_t and num_warps for pallas_triton; feed_warpgroup and
+        compute_warpgroups for pallas_mosaic).
 
     Returns:
       [B, T, Hq, D] in q's dtype.
     """
     kept = tiles.kept_positions(layer, full_k, full_v)
-    implementation = implementation or tiles.default_attention_implementation(layer)
+    implementation = implementation or _default_implementation(q, layer, chunk_k)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: unknown {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
@@ -95,6 +99,19 @@ def prefill_attention(
         out = reference.prefill_attention(
             q, layer.k, layer.v, start, kept=kept, keys_per_channel=layer.keys_per_channel, **args
         )
+    elif implementation == "pallas_mosaic":
+        tiles.refuse_per_channel_keys(layer, implementation)
+        tiles.refuse_kept_positions(layer, implementation)
+        tiles.check_one_format(layer.k, layer.v, arg="layer")
+        if chunk_k is not None or layer.ring:
+            raise ValueError(
+                "implementation: 'pallas_mosaic' attends to the chunk as stored in a layer that is "
+                "not a ring buffer (no chunk_k, chunk_v); use 'pallas_triton'."
+            )
+        del args["ring"], args["chunk_k"], args["chunk_v"]
+        out = pallas_mosaic.prefill_attention(
+            q, layer.k, layer.v, start, interpret=not tiles.on_gpu(), **args, **tuning
+        )
     else:
         tiles.refuse_per_channel_keys(layer, implementation)
         tiles.check_one_format(layer.k, layer.v, arg="layer")
@@ -104,6 +121,17 @@ def prefill_attention(
             q, layer.k, layer.v, start, interpret=interpret, **args, **kept_args, **tuning
         )
     return tiles.output_from_stored_values(out, layer).astype(q.dtype)
+
+
+def _default_implementation(q, layer: LayerCache, chunk_k) -> str:
+    implementation = tiles.default_attention_implementation(layer)
+    if implementation != "pallas_triton" or layer.keeps_positions or layer.ring or chunk_k is not None:
+        return implementation
+    try:
+        pallas_mosaic.check_supported(layer.k, q.shape[2] // layer.k.shape[1])
+    except ValueError:
+        return implementation
+    return "pallas_mosaic"
 
 
 def _check(q, layer, start, sinks, chunk_k, chunk_v):

@@ -15,16 +15,19 @@ from fp4kv_jax.models.transformer import causal_attention
 from attention_inputs import one_layer_config, realistic_keys, relative_error
 
 
-def _chunk_after_prefix(seed, fmt, heads, kv_heads, head_dim, prefix, chunk, window=None, trim=False, rotate=False):
+def _chunk_after_prefix(
+    seed, fmt, heads, kv_heads, head_dim, prefix, chunk, window=None, trim=False, rotate=False, capacity=None
+):
     """A cache holding each sequence's prefix, then a chunk written after it (keys and
-    values Hadamard-rotated when `rotate`).
+    values Hadamard-rotated when `rotate`), of `capacity` positions (default: just
+    more than the longest sequence).
 
     Returns (layer, start, q [B, T, Hq, D], chunk k, v [B, T, Hkv, D]).
     """
     batch = len(prefix)
     keys = jax.random.split(jax.random.key(seed), 5)
     longest = max(max(prefix), 1)
-    max_len = longest + chunk + 3
+    max_len = capacity or longest + chunk + 3
     cache = C.init_cache(
         one_layer_config(heads, kv_heads, head_dim, window), batch, max_len, fmt, trim_sliding_layers=trim,
         rotate_keys=rotate, rotate_values=rotate,
@@ -65,6 +68,47 @@ def test_pallas_kernel_matches_reference(fmt, heads, kv_heads, head_dim, prefix,
     assert out.shape == q.shape and out.dtype == q.dtype
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))  # every element written
     assert relative_error(out, ref) < (1e-5 if fmt == "float32" else 1e-2)
+
+
+MOSAIC_CASES = [
+    # fmt, heads, kv_heads, head_dim, prefix lengths, chunk, capacity, window, sinks, block_k
+    ("fp4_e2m1", 8, 2, 64, [0, 13], 20, 128, None, False, 64),  # empty prefix, ragged
+    ("nvfp4", 16, 1, 128, [37], 9, 128, 24, True, 64),  # MQA, group 16, window, sinks
+    ("mxfp4", 6, 2, 128, [100, 0], 150, 256, None, True, 128),  # group 3, three query blocks
+    ("nvfp4_4over6", 4, 2, 64, [70, 5], 1, 128, 32, False, 64),  # a one-token chunk
+]
+
+
+@pytest.mark.parametrize("fmt, heads, kv_heads, head_dim, prefix, chunk, capacity, window, sinks, block_k", MOSAIC_CASES)
+def test_mosaic_kernel_matches_reference(fmt, heads, kv_heads, head_dim, prefix, chunk, capacity, window, sinks,
+                                         block_k):
+    layer, start, q, _, _ = _chunk_after_prefix(
+        chunk + heads, fmt, heads, kv_heads, head_dim, prefix, chunk, window, capacity=capacity
+    )
+    sink_logits = jnp.linspace(-2.0, 3.0, heads) if sinks else None
+    ref = prefill_attention(q, layer, start, sinks=sink_logits, implementation="reference")
+    out = prefill_attention(q, layer, start, sinks=sink_logits, implementation="pallas_mosaic", block_k=block_k)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    assert relative_error(out, ref) < 1e-2
+
+
+def test_mosaic_kernel_refuses_what_it_does_not_handle():
+    layer, start, q, k, v = _chunk_after_prefix(2, "fp8_e4m3", 8, 2, 64, [3], 4, capacity=128)
+    with pytest.raises(ValueError, match="'pallas_mosaic' handles fp4_e2m1, nvfp4, nvfp4_4over6, mxfp4, not 'fp8_e4m3'"):
+        prefill_attention(q, layer, start, implementation="pallas_mosaic")
+    layer, start, q, k, v = _chunk_after_prefix(2, "nvfp4", 8, 2, 64, [3], 4, capacity=128)
+    with pytest.raises(ValueError, match="'pallas_mosaic' attends to the chunk as stored"):
+        prefill_attention(q, layer, start, chunk_k=k, chunk_v=v, implementation="pallas_mosaic")
+    with pytest.raises(ValueError, match="block_k: 'pallas_mosaic' takes 64 or 128, got 32"):
+        prefill_attention(q, layer, start, implementation="pallas_mosaic", block_k=32)
+    with pytest.raises(ValueError, match="feed_warpgroup: interpret mode runs only the schedule without one"):
+        prefill_attention(q, layer, start, implementation="pallas_mosaic", feed_warpgroup=True)
+    with pytest.raises(ValueError, match="compute_warpgroups: 1, or 2 for an even GQA group with a feed warpgroup"):
+        prefill_attention(q, layer, start, implementation="pallas_mosaic", compute_warpgroups=2)
+    odd, start, q, _, _ = _chunk_after_prefix(2, "nvfp4", 8, 2, 64, [3], 4, capacity=100)
+    with pytest.raises(ValueError, match="'pallas_mosaic' needs a cache capacity that is a multiple of 128"):
+        prefill_attention(q, odd, start, implementation="pallas_mosaic")
 
 
 def test_a_full_precision_chunk_without_prefix_is_plain_causal_attention():
@@ -134,7 +178,7 @@ def test_reference_matches_float64_numpy(window):
 
 def test_bad_arguments_are_named():
     layer, start, q, k, v = _chunk_after_prefix(1, "bf16", 4, 2, 64, [3], 4)
-    with pytest.raises(ValueError, match="implementation: unknown 'cuda'; valid: reference, pallas_triton"):
+    with pytest.raises(ValueError, match="implementation: unknown 'cuda'; valid: reference, pallas_triton, pallas_mosaic"):
         prefill_attention(q, layer, start, implementation="cuda")
     with pytest.raises(ValueError, match="q: 3 heads is not a multiple of the 2 KV heads"):
         prefill_attention(q[:, :, :3], layer, start)
@@ -155,6 +199,37 @@ def test_compiled_kernel_matches_reference_on_gpu(fmt):
         ref = prefill_attention(q, layer, start, sinks=sinks, implementation="reference", **extra)
         out = prefill_attention(q, layer, start, sinks=sinks, implementation="pallas_triton", **extra)
         assert relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_compiled_mosaic_kernel_matches_reference_on_gpu(fmt, head_dim):
+    """Both schedules and both key blocks, over ragged prefixes, a window and sinks."""
+    layer, start, q, _, _ = _chunk_after_prefix(9, fmt, 64, 8, head_dim, [0, 1000, 333], 700, window=None, capacity=1792)
+    windowed, w_start, w_q, _, _ = _chunk_after_prefix(10, fmt, 16, 2, head_dim, [50, 400], 300, window=200, capacity=768)
+    sinks = jnp.linspace(-1.0, 1.0, 64)
+    for layer, start, q, sinks in ((layer, start, q, sinks), (windowed, w_start, w_q, sinks[:16])):
+        ref = prefill_attention(q, layer, start, sinks=sinks, implementation="reference")
+        for tuning in ({}, dict(block_k=64), dict(compute_warpgroups=1), dict(feed_warpgroup=False)):
+            out = prefill_attention(q, layer, start, sinks=sinks, implementation="pallas_mosaic", **tuning)
+            assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))), tuning
+            assert relative_error(out, ref) < 1e-2, tuning
+
+
+@pytest.mark.gpu
+def test_gpu_default_is_the_mosaic_kernel_where_it_handles_the_layer():
+    from fp4kv_jax.kernels.prefill_attention import _default_implementation
+
+    layer, start, q, k, v = _chunk_after_prefix(11, "nvfp4", 16, 2, 128, [200, 7], 64, capacity=384)
+    assert _default_implementation(q, layer, None) == "pallas_mosaic"
+    assert _default_implementation(q, layer, k) == "pallas_triton"  # a full-precision chunk
+    ref = prefill_attention(q, layer, start, implementation="reference")
+    assert relative_error(prefill_attention(q, layer, start), ref) < 1e-2
+    odd, _, q_odd, _, _ = _chunk_after_prefix(11, "nvfp4", 16, 2, 128, [200, 7], 64, capacity=300)
+    bf16, _, q_bf16, _, _ = _chunk_after_prefix(11, "bf16", 16, 2, 128, [200, 7], 64, capacity=384)
+    assert _default_implementation(q_odd, odd, None) == "pallas_triton"
+    assert _default_implementation(q_bf16, bf16, None) == "pallas_triton"
 
 
 KEPT_CASES = [

@@ -47,18 +47,19 @@ def test_ptx_decode_matches_portable_decode(fmt):
 def test_mosaic_tile_decode_matches_portable_decode(fmt, width):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from fp4kv_jax.kernels.decode_attention import decode_tile_ptx, pallas_mosaic
+    from fp4kv_jax.kernels import mosaic_tiles
+    from fp4kv_jax.kernels.decode_attention import pallas_mosaic
 
     codec, rows = get_codec(fmt), 64
     data = (jnp.arange(rows * width) % 256).astype(jnp.uint8).reshape(rows, width)
     scales = _scales(fmt, jax.random.key(1), rows, width)
-    scale_rows = pallas_mosaic.scale_rows(scales[None, None])[0, 0]
+    scale_rows = mosaic_tiles.scale_rows(scales[None, None])[0, 0]
 
     def kernel(data_ref, scales_ref, out_ref, data_smem, scales_smem, tile, barrier):
         plgpu.copy_gmem_to_smem(data_ref, data_smem, barrier)
         plgpu.copy_gmem_to_smem(scales_ref, scales_smem, barrier)
         plgpu.barrier_wait(barrier)
-        decode_tile_ptx.decode_tile(codec, data_smem, scales_smem, tile)
+        mosaic_tiles.decode_tile_ptx(codec, data_smem, scales_smem, tile)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(tile, out_ref)
         plgpu.wait_smem_to_gmem(0)
@@ -69,7 +70,7 @@ def test_mosaic_tile_decode_matches_portable_decode(fmt, width):
         scratch_types=(
             plgpu.SMEM(data.shape, jnp.uint8),
             plgpu.SMEM(scale_rows.shape, jnp.uint8),
-            pallas_mosaic.swizzled_tile(rows, 2 * width),
+            mosaic_tiles.swizzled_tile(rows, 2 * width),
             plgpu.Barrier(num_arrivals=2),
         ),
         compiler_params=pallas_mosaic.COMPILER_PARAMS,
