@@ -46,17 +46,20 @@ _DECODED_SLOTS = 2  # bf16 K and V tiles in flight between the decoding and the 
 _LOG2E = math.log2(math.e)
 
 # Registers a thread (setmaxnreg): the compute warpgroups hold S, O and P; the feeding
-# warpgroup only addresses and decodes. 2 x 216 + 80 fill the 64K-register file.
+# warpgroup only addresses and decodes. Two compute warpgroups and the feed take
+# 2 x 216 + 72 = 504 of the 512 a warpgroup's share of the register file (65536 / 128)
+# allows, FlashAttention-3's total; with all 512 (216 and 80) the kernel deadlocked on
+# an H200, the compute warpgroups waiting for registers that never came free.
 _COMPUTE_REGISTERS = 216
-_FEED_REGISTERS = 80
+_FEED_REGISTERS = 72
 
 
 def _kernel(
     start_ref, q_ref, sinks_ref, out_scale_ref, k_data_ref, k_scales_ref, v_data_ref, v_scales_ref,
     o_ref,
     q_smem, k_data_smem, k_scales_smem, v_data_smem, v_scales_smem, k_tiles, v_tiles,
-    q_barriers, staged, k_ready, v_ready, k_free, v_free,
-    *, decode, feed_warpgroup, compute_warpgroups, chunk, block_k, window,
+    q_barriers, staged, k_ready, v_ready, k_free, v_free, schedule,
+    *, decode, feed_warpgroup, ping_pong, compute_warpgroups, chunk, block_k, window,
 ):
     batch = lax.axis_index("batch")
     head_group = lax.axis_index("head_group")
@@ -98,9 +101,19 @@ def _kernel(
         mark_ready(v_ready.at[slot])
         pl.when(block + num_stages < hi_block)(functools.partial(fetch, block + num_stages, stage))
 
-    def attend(head, slot_of, wait_ready, mark_free, before_block, p_smem=None):
+    def attend(head, slot_of, wait_ready, mark_free, before_block, p_smem=None, turn=None):
         """This warpgroup's head over blocks [lo_block, hi_block); writes its output.
-        The weights P go to wgmma from registers, or through `p_smem` when given."""
+        The weights P go to wgmma from registers, or through `p_smem` when given.
+
+        turn: None, or the barrier two compute warpgroups take turns on (ping-pong,
+        as in FlashAttention-3): each passes it once its scores are issued and once its
+        softmax is done, so one warpgroup's softmax runs under the other's wgmma.
+        """
+        def take_turn():
+            if turn is not None:
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
+
         my_q = q_smem.at[head - head_group * compute_warpgroups]
         plgpu.copy_gmem_to_smem(
             q_ref.at[batch, pl.ds(first - start, BLOCK_T), head], my_q, q_barriers.at[head % compute_warpgroups]
@@ -119,6 +132,7 @@ def _kernel(
 
             def scores_of(acc_ref):
                 plgpu.wgmma(acc_ref, my_q, k_tiles.at[slot].transpose((1, 0)))
+                take_turn()
                 return acc_ref[...]
 
             scores = pl.run_scoped(scores_of, plgpu.ACC((BLOCK_T, block_k), jnp.float32))
@@ -136,7 +150,11 @@ def _kernel(
             weights = jnp.exp2(scores - lax.broadcast_in_dim(new_peak, scores.shape, [0]))
             total = total * correction + weights.sum(axis=1)
             out = out * lax.broadcast_in_dim(correction, out.shape, [0])
+            if turn is not None:
+                plgpu.barrier_arrive(turn)  # this softmax is done
             wait_ready(v_ready.at[slot])
+            if turn is not None:
+                plgpu.barrier_wait(turn)  # the tensor cores are free
             if p_smem is None:  # accumulate in place
                 def weighted_values(acc_ref):
                     plgpu.wgmma(acc_ref, weights.astype(jnp.bfloat16), v_tiles.at[slot])
@@ -154,10 +172,14 @@ def _kernel(
             mark_free(v_free.at[slot])
             return out, new_peak, total
 
+        if turn is not None:
+            pl.when(head % compute_warpgroups == 1)(take_turn)  # the second warpgroup starts a turn later
         carry = (out, peak, total)
         carry = lax.fori_loop(lo_block, whole_lo, functools.partial(block_step, masked=True), carry)
         carry = lax.fori_loop(whole_lo, whole_hi, functools.partial(block_step, masked=False), carry)
         out, peak, total = lax.fori_loop(whole_hi, hi_block, functools.partial(block_step, masked=True), carry)
+        if turn is not None:
+            pl.when(head % compute_warpgroups == 0)(take_turn)  # and the first one ends a turn later
 
         # The sink joins the denominator only; the output takes V's plane factor.
         sink = sinks_ref[head]
@@ -171,8 +193,10 @@ def _kernel(
         plgpu.copy_smem_to_gmem(my_q, o_ref.at[batch, pl.ds(first - start, BLOCK_T), head])
         plgpu.wait_smem_to_gmem(0)
 
-    for stage in range(num_stages):
-        pl.when(lo_block + stage < hi_block)(functools.partial(fetch, lo_block + stage, stage))
+    def fill_stages():
+        for stage in range(num_stages):
+            pl.when(lo_block + stage < hi_block)(functools.partial(fetch, lo_block + stage, stage))
+
     no_barrier = lambda barrier: None
     slot_of = lambda block: lax.rem(block - lo_block, _DECODED_SLOTS)
 
@@ -183,6 +207,7 @@ def _kernel(
             plgpu.commit_smem()  # every warp's wgmma is done with the last block's tiles
             feed(block, 0, no_barrier, no_barrier)
 
+        fill_stages()
         pl.run_scoped(
             functools.partial(attend, head_group, lambda block: 0, no_barrier, no_barrier, before_block),
             mosaic_tiles.swizzled_tile(BLOCK_T, block_k),
@@ -192,6 +217,7 @@ def _kernel(
     @pl.when(lax.axis_index("warpgroup") == compute_warpgroups)
     def _feed():
         plgpu.set_max_registers(_FEED_REGISTERS, action="decrease")
+        fill_stages()
         pl.loop(lo_block, hi_block)(lambda block: feed(block, slot_of(block), plgpu.barrier_wait, plgpu.barrier_arrive))
 
     @pl.when(lax.axis_index("warpgroup") < compute_warpgroups)
@@ -201,7 +227,8 @@ def _kernel(
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
         head = head_group * compute_warpgroups + lax.axis_index("warpgroup")
-        attend(head, slot_of, plgpu.barrier_wait, plgpu.barrier_arrive, lambda block: None)
+        turn = schedule if ping_pong else None
+        attend(head, slot_of, plgpu.barrier_wait, plgpu.barrier_arrive, lambda block: None, turn=turn)
 
 
 def check_supported(k: QuantizedTensor, group: int, block_k: int = 128) -> None:
@@ -220,7 +247,8 @@ def default_compute_warpgroups(group: int) -> int:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "sm_scale", "window", "block_k", "num_stages", "feed_warpgroup", "compute_warpgroups", "interpret"
+        "sm_scale", "window", "block_k", "num_stages", "feed_warpgroup", "compute_warpgroups", "ping_pong",
+        "interpret",
     ),
 )
 def prefill_attention(
@@ -236,6 +264,7 @@ def prefill_attention(
     num_stages: int = 2,
     feed_warpgroup: bool | None = None,
     compute_warpgroups: int | None = None,
+    ping_pong: bool = True,
     interpret: bool = False,
 ) -> jax.Array:
     """q [B, T, Hq, D]; k, v packed FP4 [B, Hkv, S, D] holding the chunk at positions
@@ -246,6 +275,7 @@ def prefill_attention(
       attends to it (the only schedule interpret mode runs: its threads cannot run wgmma).
     compute_warpgroups: query heads a program (1 or 2; default
       `default_compute_warpgroups`; 1 without a feed warpgroup).
+    ping_pong: whether two compute warpgroups take turns on the tensor cores.
     """
     codec = get_codec(k.fmt)
     batch, chunk, num_heads, head_dim = q.shape
@@ -283,7 +313,8 @@ def prefill_attention(
         else functools.partial(mosaic_tiles.decode_tile_ptx, codec)
     )
     kernel = functools.partial(
-        _kernel, decode=decode, feed_warpgroup=feed_warpgroup, compute_warpgroups=compute_warpgroups, chunk=chunk,
+        _kernel, decode=decode, feed_warpgroup=feed_warpgroup, ping_pong=bool(ping_pong) and compute_warpgroups == 2,
+        compute_warpgroups=compute_warpgroups, chunk=chunk,
         block_k=block_k, window=window,
     )
     stages = lambda shape: plgpu.SMEM((num_stages, *shape), jnp.uint8)
@@ -304,6 +335,7 @@ def prefill_attention(
             plgpu.Barrier(num_barriers=slots),
             plgpu.Barrier(num_arrivals=compute_warpgroups, num_barriers=slots),
             plgpu.Barrier(num_arrivals=compute_warpgroups, num_barriers=slots),
+            plgpu.Barrier(num_arrivals=compute_warpgroups),  # the ping-pong's turns
         ),
         grid=(num_heads // compute_warpgroups, num_blocks, batch),
         grid_names=("head_group", "q_block", "batch"),
