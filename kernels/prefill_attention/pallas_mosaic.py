@@ -22,7 +22,9 @@ Scores are in log2 units: the queries come scaled by sm_scale * log2(e) (and K's
 factor), so the softmax is exp2. Only the blocks on the causal diagonal, the window's
 edge and the chunk's end are masked; the ones in between take the unmasked loop.
 
-In Mosaic GPU interpret mode the decode is the codec's portable `decode_planes`.
+With `feed_warpgroup=False` one warpgroup decodes each block and then attends to it,
+P passing through shared memory: the schedule Mosaic GPU interpret mode runs (its
+threads cannot run wgmma), there with the codec's portable `decode_planes` as decode.
 """
 
 from __future__ import annotations
