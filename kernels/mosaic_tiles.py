@@ -7,13 +7,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fp4kv_jax.kernels.decode_tile_ptx import decode_tile as decode_tile_ptx
 
 SCALE_ROW = 16  # block scales are copied as [*, 16]-byte rows (TMA's 16-byte minimum)
 
-__all__ = ["SCALE_ROW", "decode_portable", "decode_tile_ptx", "scale_rows", "swizzled_tile", "swizzled_tiles"]
+__all__ = [
+    "SCALE_ROW", "copy_kv_block", "decode_portable", "decode_tile_ptx", "scale_rows", "swizzled_tile", "swizzled_tiles",
+]
 
 
 def _swizzle(dtype) -> tuple:
@@ -37,6 +40,16 @@ def scale_rows(scales: jax.Array) -> jax.Array:
         scales = lax.bitcast_convert_type(scales, jnp.uint8)
     batch, heads = scales.shape[:2]
     return scales.reshape(batch, heads, -1, SCALE_ROW)
+
+
+def copy_kv_block(sources, stages, barrier, batch, head, block) -> None:
+    """Starts the TMA copies of block `block` of one KV head: `sources` are (K data, K
+    scale rows, V data, V scale rows) in global memory, [B, H, N, C] each; `stages` the
+    shared [R, C] refs they go to, in that order, R rows a block; all complete on
+    `barrier` (4 arrivals)."""
+    for source, stage in zip(sources, stages, strict=True):
+        rows = stage.shape[0]
+        plgpu.copy_gmem_to_smem(source.at[batch, head, pl.ds(block * rows, rows)], stage, barrier)
 
 
 def decode_portable(codec, data_ref, scales_ref, out_ref):

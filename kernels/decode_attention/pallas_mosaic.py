@@ -58,7 +58,6 @@ def _kernel(
     head = lax.axis_index("kv_head")
     split = lax.axis_index("split")
     length = lengths_ref[batch]
-    block_scale_rows = k_scales_smem.shape[1]
     head_rows, head_dim = q_smem.shape
 
     lo = split * chunk
@@ -69,12 +68,11 @@ def _kernel(
     last = jnp.where(hi > lo, pl.cdiv(hi, block_k), first)
 
     def fetch(block, slot):
-        rows = pl.ds(block * block_k, block_k)
-        scale_rows_at = pl.ds(block * block_scale_rows, block_scale_rows)
-        plgpu.copy_gmem_to_smem(k_data_ref.at[batch, head, rows], k_data_smem.at[slot], barriers.at[slot])
-        plgpu.copy_gmem_to_smem(k_scales_ref.at[batch, head, scale_rows_at], k_scales_smem.at[slot], barriers.at[slot])
-        plgpu.copy_gmem_to_smem(v_data_ref.at[batch, head, rows], v_data_smem.at[slot], barriers.at[slot])
-        plgpu.copy_gmem_to_smem(v_scales_ref.at[batch, head, scale_rows_at], v_scales_smem.at[slot], barriers.at[slot])
+        mosaic_tiles.copy_kv_block(
+            (k_data_ref, k_scales_ref, v_data_ref, v_scales_ref),
+            (k_data_smem.at[slot], k_scales_smem.at[slot], v_data_smem.at[slot], v_scales_smem.at[slot]),
+            barriers.at[slot], batch, head, block,
+        )
 
     plgpu.copy_gmem_to_smem(q_ref.at[batch, head], q_smem, q_barrier)
     for stage in range(num_stages):

@@ -93,6 +93,9 @@ def prefill_attention(
         sm_scale=sm_scale, window=layer.window, ring=layer.ring, sinks=sinks, chunk_k=chunk_k,
         chunk_v=chunk_v,
     )
+    if implementation != "reference":
+        tiles.refuse_per_channel_keys(layer, implementation)
+        tiles.check_one_format(layer.k, layer.v, arg="layer")
     if implementation == "reference":
         if tuning:
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
@@ -100,21 +103,17 @@ def prefill_attention(
             q, layer.k, layer.v, start, kept=kept, keys_per_channel=layer.keys_per_channel, **args
         )
     elif implementation == "pallas_mosaic":
-        tiles.refuse_per_channel_keys(layer, implementation)
         tiles.refuse_kept_positions(layer, implementation)
-        tiles.check_one_format(layer.k, layer.v, arg="layer")
         if chunk_k is not None or layer.ring:
             raise ValueError(
                 "implementation: 'pallas_mosaic' attends to the chunk as stored in a layer that is "
                 "not a ring buffer (no chunk_k, chunk_v); use 'pallas_triton'."
             )
-        del args["ring"], args["chunk_k"], args["chunk_v"]
         out = pallas_mosaic.prefill_attention(
-            q, layer.k, layer.v, start, interpret=not tiles.on_gpu(), **args, **tuning
+            q, layer.k, layer.v, start, sm_scale=sm_scale, window=layer.window, sinks=sinks,
+            interpret=not tiles.on_gpu(), **tuning,
         )
     else:
-        tiles.refuse_per_channel_keys(layer, implementation)
-        tiles.check_one_format(layer.k, layer.v, arg="layer")
         interpret = tiles.interpret_mode(layer.k, layer.v, arg="layer")
         kept_args = dict(zip(("full_k", "full_v", "keep_first", "keep_recent"), kept)) if kept else {}
         out = pallas_triton.prefill_attention(

@@ -67,7 +67,6 @@ def _kernel(
     head_group = lax.axis_index("head_group")
     kv_head = head_group * compute_warpgroups // (q_ref.shape[2] // k_data_ref.shape[1])
     num_stages = k_data_smem.shape[0]
-    block_scale_rows = k_scales_smem.shape[1]
 
     start = start_ref[batch]
     first = start + lax.axis_index("q_block") * BLOCK_T  # the block's first query position
@@ -82,12 +81,11 @@ def _kernel(
     whole_hi = jnp.clip(jnp.minimum(first + 1, limit) // block_k, whole_lo, hi_block)
 
     def fetch(block, stage):
-        rows = pl.ds(block * block_k, block_k)
-        scale_rows = pl.ds(block * block_scale_rows, block_scale_rows)
-        plgpu.copy_gmem_to_smem(k_data_ref.at[batch, kv_head, rows], k_data_smem.at[stage], staged.at[stage])
-        plgpu.copy_gmem_to_smem(k_scales_ref.at[batch, kv_head, scale_rows], k_scales_smem.at[stage], staged.at[stage])
-        plgpu.copy_gmem_to_smem(v_data_ref.at[batch, kv_head, rows], v_data_smem.at[stage], staged.at[stage])
-        plgpu.copy_gmem_to_smem(v_scales_ref.at[batch, kv_head, scale_rows], v_scales_smem.at[stage], staged.at[stage])
+        mosaic_tiles.copy_kv_block(
+            (k_data_ref, k_scales_ref, v_data_ref, v_scales_ref),
+            (k_data_smem.at[stage], k_scales_smem.at[stage], v_data_smem.at[stage], v_scales_smem.at[stage]),
+            staged.at[stage], batch, kv_head, block,
+        )
 
     def feed(block, slot, wait_free, mark_ready):
         """Decodes staged block `block` into tile `slot`, then refills its stage."""
@@ -103,8 +101,9 @@ def _kernel(
         mark_ready(v_ready.at[slot])
         pl.when(block + num_stages < hi_block)(functools.partial(fetch, block + num_stages, stage))
 
-    def attend(head, slot_of, wait_ready, mark_free, before_block, p_smem=None, turn=None):
-        """This warpgroup's head over blocks [lo_block, hi_block); writes its output.
+    def attend(lane, slot_of, wait_ready, mark_free, before_block, p_smem=None, turn=None):
+        """Query head `lane` of this program (one a compute warpgroup) over blocks
+        [lo_block, hi_block); writes its output.
         The weights P go to wgmma from registers, or through `p_smem` when given.
 
         turn: None, or the barrier two compute warpgroups take turns on (ping-pong,
@@ -116,11 +115,10 @@ def _kernel(
                 plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(turn)
 
-        my_q = q_smem.at[head - head_group * compute_warpgroups]
-        plgpu.copy_gmem_to_smem(
-            q_ref.at[batch, pl.ds(first - start, BLOCK_T), head], my_q, q_barriers.at[head % compute_warpgroups]
-        )
-        plgpu.barrier_wait(q_barriers.at[head % compute_warpgroups])
+        head = head_group * compute_warpgroups + lane
+        my_q = q_smem.at[lane]
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(first - start, BLOCK_T), head], my_q, q_barriers.at[lane])
+        plgpu.barrier_wait(q_barriers.at[lane])
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         peak = plgpu.layout_cast(jnp.full((BLOCK_T,), tiles.MASKED, jnp.float32), row_layout)
         total = plgpu.layout_cast(jnp.zeros((BLOCK_T,), jnp.float32), row_layout)
@@ -175,13 +173,13 @@ def _kernel(
             return out, new_peak, total
 
         if turn is not None:
-            pl.when(head % compute_warpgroups == 1)(take_turn)  # the second warpgroup starts a turn later
+            pl.when(lane == 1)(take_turn)  # the second warpgroup starts a turn later
         carry = (out, peak, total)
         carry = lax.fori_loop(lo_block, whole_lo, functools.partial(block_step, masked=True), carry)
         carry = lax.fori_loop(whole_lo, whole_hi, functools.partial(block_step, masked=False), carry)
         out, peak, total = lax.fori_loop(whole_hi, hi_block, functools.partial(block_step, masked=True), carry)
         if turn is not None:
-            pl.when(head % compute_warpgroups == 0)(take_turn)  # and the first one ends a turn later
+            pl.when(lane == 0)(take_turn)  # and the first one ends a turn later
 
         # The sink joins the denominator only; the output takes V's plane factor.
         sink = sinks_ref[head]
@@ -211,7 +209,7 @@ def _kernel(
 
         fill_stages()
         pl.run_scoped(
-            functools.partial(attend, head_group, lambda block: 0, no_barrier, no_barrier, before_block),
+            functools.partial(attend, 0, lambda block: 0, no_barrier, no_barrier, before_block),
             mosaic_tiles.swizzled_tile(BLOCK_T, block_k),
         )
         return
@@ -228,9 +226,8 @@ def _kernel(
         for slot in range(_DECODED_SLOTS):  # both tiles start free
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
-        head = head_group * compute_warpgroups + lax.axis_index("warpgroup")
         turn = schedule if ping_pong else None
-        attend(head, slot_of, plgpu.barrier_wait, plgpu.barrier_arrive, lambda block: None, turn=turn)
+        attend(lax.axis_index("warpgroup"), slot_of, plgpu.barrier_wait, plgpu.barrier_arrive, lambda block: None, turn=turn)
 
 
 def check_supported(k: QuantizedTensor, group: int, block_k: int = 128) -> None:
