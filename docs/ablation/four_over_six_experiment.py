@@ -26,9 +26,9 @@ def _nvfp4_candidate(codec, x, global_scale, divisor):
     """Codes, e4m3 block scales and squared errors of x's blocks scaled so that their
     absmax maps to `divisor`."""
     blocks = e2m1.block_view(x, codec.block_size)
-    bad = e2m1.block_nonfinite(blocks)
+    absmax, bad = e2m1.block_absmax((blocks,))
     finite = jnp.where(jnp.isfinite(blocks), blocks, 0.0)
-    wanted = jnp.minimum(jnp.max(jnp.abs(finite), axis=-1) / divisor / global_scale, nvfp4.E4M3_MAX)
+    wanted = jnp.minimum(absmax / divisor / global_scale, nvfp4.E4M3_MAX)
     block_scale = e2m1.round_to_float8(jnp.where(bad, jnp.nan, wanted), jnp.float8_e4m3fn)
     denom = block_scale.astype(jnp.float32) * global_scale
     y = jnp.where(denom[..., None] > 0, blocks / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
@@ -37,8 +37,9 @@ def _nvfp4_candidate(codec, x, global_scale, divisor):
     return codes, block_scale, error
 
 
-def four_over_six_encode_tile(codec, x, global_scale, *, ptx):
+def four_over_six_encode_planes(codec, planes, global_scale, *, ptx):
     del ptx  # plain jnp: the experiment runs on CPU
+    x = jnp.stack(planes, axis=-1).reshape(*planes[0].shape[:-1], -1)
     codes6, scales6, error6 = _nvfp4_candidate(codec, x, global_scale, 6.0)
     codes4, scales4, error4 = _nvfp4_candidate(codec, x, global_scale, 4.0)
     four = error4 < error6
@@ -50,7 +51,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ablate_args", nargs=argparse.REMAINDER, help="after --: `fp4kv ablate` arguments")
     args = parser.parse_args()
-    nvfp4.Nvfp4Codec.encode_tile = four_over_six_encode_tile
+    nvfp4.Nvfp4Codec.encode_planes = four_over_six_encode_planes
     ablate_args = args.ablate_args[1:] if args.ablate_args[:1] == ["--"] else args.ablate_args
     return cli.main(["ablate", *ablate_args])
 

@@ -99,18 +99,24 @@ class Codec(abc.ABC):
     ) -> jax.Array:
         """(data, scales) -> float32 [..., D]."""
 
-    def encode_tile(
-        self, x: jax.Array, global_scale: jax.Array | None, *, ptx: bool
+    def encode_planes(
+        self, planes: tuple[jax.Array, ...], global_scale: jax.Array | None, *, ptx: bool
     ) -> tuple[jax.Array, jax.Array | None]:
-        """Encodes a float32 tile [rows, D] inside a Pallas kernel (Triton lowering).
+        """Encodes float32 planes inside a Pallas kernel (Triton lowering) or out of one.
 
-        Returns (data [rows, D / elements_per_datum], scales [rows, D / block_size] or
-        None), equal to `encode` bit for bit. The default is `encode` itself, which
+        `planes` are the `elements_per_datum` (P) planes of a tile x [rows, D], as
+        `decode_planes` returns them: plane i [rows, D / P] holds columns i, i + P,
+        i + 2P, ... A kernel loads the planes apart, so packing two values into a byte
+        is elementwise rather than a change of register layout.
+
+        Returns (data [rows, D / P], scales [rows, D / block_size] or None), equal to
+        `encode(x)` bit for bit. The default, for one plane, is `encode` itself, which
         suits codecs built only from ops Pallas lowers to Triton and with no float
         division: Triton's float32 `/` is the approximate div.full.f32. Codecs that
         divide override this and divide with `e2m1.divide(..., ptx=ptx)`: `ptx=True`
-        compiled for an NVIDIA GPU, `ptx=False` in interpret mode.
+        compiled for an NVIDIA GPU, `ptx=False` in interpret mode and in XLA.
         """
+        (x,) = planes
         return self.encode(x, global_scale)
 
     def decode_planes(

@@ -7,6 +7,8 @@ element in the low nibble: byte = (code[2i+1] << 4) | code[2i].
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,23 +27,33 @@ def magnitude_index_ties_away(abs_y: jax.Array) -> jax.Array:
     The count of midpoints that |y| reaches or passes; saturates at 7 (= 6.0).
     float32 [...] -> uint8 [...].
     """
-    idx = jnp.zeros(abs_y.shape, jnp.uint8)
-    for m in MIDPOINTS:
-        idx += (abs_y >= m).astype(jnp.uint8)
-    return idx
+    return _magnitude_index(abs_y, nearest_even=False)
 
 
 def magnitude_index_nearest_even(abs_y: jax.Array) -> jax.Array:
     """Index of |y| on the grid, rounding to nearest with ties to the even code.
 
-    At a midpoint whose lower neighbour has an even index the tie stays down (strict
-    `>`), otherwise it goes up (`>=`). Saturates at 7 (= 6.0). float32 -> uint8.
+    At a midpoint whose lower neighbour has an even index the tie stays down,
+    otherwise it goes up. Saturates at 7 (= 6.0). float32 -> uint8.
     """
-    idx = jnp.zeros(abs_y.shape, jnp.uint8)
-    for lower, m in enumerate(MIDPOINTS):
-        passed = abs_y > m if lower % 2 == 0 else abs_y >= m
-        idx += passed.astype(jnp.uint8)
-    return idx
+    return _magnitude_index(abs_y, nearest_even=True)
+
+
+def _magnitude_index(abs_y: jax.Array, *, nearest_even: bool) -> jax.Array:
+    # Integer ops on the float32 bits, a few a value where counting the seven
+    # midpoints takes fourteen. From 1.0 up the grid is float32 with one mantissa
+    # bit, so rounding the mantissa at bit 22 and reading exponent and that bit gives
+    # the index (2 for 1.0, 3 for 1.5, ...); below 1.0 the grid 0, 0.5, 1 is two
+    # comparisons (0.25 ties to index 0 under nearest-even, 0.75 to index 2 either way).
+    bits = jax.lax.bitcast_convert_type(abs_y, jnp.uint32)
+    half = jnp.uint32(0x200000)
+    if nearest_even:
+        half = half - 1 + ((bits >> 22) & 1)
+    normal = jnp.minimum((bits + half) >> 22, jnp.uint32(259)) - 252
+    quarter, three_quarters = 0x3E800000, 0x3F400000
+    passed_quarter = bits > quarter if nearest_even else bits >= quarter
+    low = passed_quarter.astype(jnp.uint32) + (bits >= three_quarters).astype(jnp.uint32)
+    return jnp.where(bits >= 0x3F800000, normal, low).astype(jnp.uint8)
 
 
 def with_sign(magnitude_index: jax.Array, y: jax.Array) -> jax.Array:
@@ -51,10 +63,41 @@ def with_sign(magnitude_index: jax.Array, y: jax.Array) -> jax.Array:
 
 def pack(codes: jax.Array) -> jax.Array:
     """uint8 codes [..., D] -> packed bytes [..., D // 2], even element low."""
-    # Pairs split off a last axis of 2 rather than strided slices, which Pallas cannot
-    # lower to Triton.
-    even, odd = jax.lax.unstack(codes.reshape(*codes.shape[:-1], -1, 2), axis=-1)
+    return pack_planes(*split_planes(codes))
+
+
+def split_planes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[..., D] -> (even columns, odd columns), each [..., D // 2]: the planes that
+    `Codec.encode_planes` takes and `decode_planes` returns for packed formats."""
+    return x[..., 0::2], x[..., 1::2]
+
+
+def pack_planes(even: jax.Array, odd: jax.Array) -> jax.Array:
+    """uint8 codes of the even and odd columns, each [..., n] -> packed bytes [..., n]."""
     return (odd << 4) | even
+
+
+def plane_blocks(planes: tuple[jax.Array, ...], block_size: int) -> tuple[jax.Array, ...]:
+    """Planes [..., D // P] -> [..., D // block_size, block_size // P] each: block j
+    of the logical columns is block j of every plane."""
+    return tuple(block_view(p, block_size // len(planes)) for p in planes)
+
+
+def block_absmax(blocks: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+    """Blocks [..., n, b] of each plane -> (absmax float32 [..., n], non-finite bool [..., n]).
+
+    A block holding NaN or an infinity is non-finite and its absmax is 0. The max is
+    taken over the magnitudes' bits: for non-negative floats the integer order is the
+    float order, NaN and infinities sort above every finite value, and one integer
+    max behaves alike on every backend (Triton's float max drops NaN, XLA's keeps it).
+    """
+    magnitude_bits = [
+        jax.lax.bitcast_convert_type(b, jnp.uint32) & jnp.uint32(0x7FFFFFFF) for b in blocks
+    ]
+    largest = functools.reduce(jnp.maximum, [jnp.max(m, axis=-1) for m in magnitude_bits])
+    nonfinite = largest >= 0x7F800000
+    absmax = jax.lax.bitcast_convert_type(jnp.where(nonfinite, jnp.uint32(0), largest), jnp.float32)
+    return absmax, nonfinite
 
 
 def unpack(packed: jax.Array) -> jax.Array:
@@ -368,39 +411,58 @@ def divide(x: jax.Array, divisor: jax.Array | float, *, ptx: bool = False) -> ja
     return quotient
 
 
-def round_to_float8(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def round_to_float8(w: jax.Array, dtype: jnp.dtype, *, ptx: bool = False) -> jax.Array:
     """float32 w, within dtype's finite range or NaN -> dtype, rounded once to nearest-even.
 
-    XLA's float32-to-float8 conversion on CPU can round twice (through a wider
-    format), which breaks ties; rounding on the float8 grid in float32 first makes the
-    final conversion exact. The rounding is float32 addition itself: |w| plus a shifter
-    1.5 * 2**k whose float32 spacing is the grid's quantum lands on the grid, ties to
-    even, and subtracting the shifter again is exact (Pallas lowers no jnp.round to
-    Triton). NaN stores the NaN byte numpy writes for dtype, whichever NaN a backend's
-    conversion would pick.
+    NaN stores 0x7F, the positive NaN with every mantissa bit set, whichever NaN a
+    backend's conversion would pick: it is the one Hopper's conversion writes, and the
+    one XLA's CPU float8 updates (through float16) keep; numpy's e5m2 NaN, 0x7E,
+    would come back as 0x7F from them. With `ptx=True` (inside a Pallas kernel compiled for an
+    NVIDIA GPU) the rounding is Hopper's conversion, cvt.rn.satfinite, two values an
+    instruction.
+
+    Otherwise the rounding is float32 addition: XLA's float32-to-float8 conversion on
+    CPU can round twice (through a wider format), which breaks ties, so w is rounded
+    on the float8 grid in float32 first and the final conversion is exact. |w| plus a
+    shifter 1.5 * 2**k whose float32 spacing is the grid's quantum lands on the grid,
+    ties to even, and subtracting the shifter again is exact (Pallas lowers no
+    jnp.round to Triton).
     """
-    finfo = jnp.finfo(dtype)
-    min_exponent, mantissa_bits = int(np.log2(float(finfo.smallest_normal))), finfo.nmant
-    magnitude = jnp.abs(w)
-    exponent = jnp.maximum(exponent_of(magnitude), min_exponent)
-    shifter = 1.5 * exact_pow2(exponent - mantissa_bits + 23)
-    rounded_magnitude = (magnitude + shifter) - shifter
-    sign = jax.lax.bitcast_convert_type(w, jnp.uint32) & jnp.uint32(0x80000000)
-    rounded = jax.lax.bitcast_convert_type(
-        jax.lax.bitcast_convert_type(rounded_magnitude, jnp.uint32) | sign, jnp.float32
-    )
-    stored = jax.lax.bitcast_convert_type(rounded.astype(dtype), jnp.uint8)
-    nan_byte = np.array(np.nan, dtype).view(np.uint8)
+    nan_byte = np.uint8(0x7F)
+    if ptx:
+        stored = _hardware_float8_bytes(w, dtype)
+    else:
+        finfo = jnp.finfo(dtype)
+        min_exponent, mantissa_bits = int(np.log2(float(finfo.smallest_normal))), finfo.nmant
+        magnitude = jnp.abs(w)
+        exponent = jnp.maximum(exponent_of(magnitude), min_exponent)
+        shifter = 1.5 * exact_pow2(exponent - mantissa_bits + 23)
+        rounded_magnitude = (magnitude + shifter) - shifter
+        sign = jax.lax.bitcast_convert_type(w, jnp.uint32) & jnp.uint32(0x80000000)
+        rounded = jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(rounded_magnitude, jnp.uint32) | sign, jnp.float32
+        )
+        stored = jax.lax.bitcast_convert_type(rounded.astype(dtype), jnp.uint8)
     return jax.lax.bitcast_convert_type(jnp.where(jnp.isnan(w), nan_byte, stored), dtype)
+
+
+def _hardware_float8_bytes(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """float32 w -> uint8 float8 bytes by PTX cvt.rn.satfinite (sm_89 and later)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    ptx_type = {jnp.dtype(jnp.float8_e4m3fn): "e4m3", jnp.dtype(jnp.float8_e5m2): "e5m2"}[jnp.dtype(dtype)]
+    [stored] = plgpu.elementwise_inline_asm(
+        # The second source lands in the low byte: element 0 of the pair.
+        f"cvt.rn.satfinite.{ptx_type}x2.f32 $0, $2, $1;",
+        args=[w],
+        constraints="=h,r,r",
+        pack=2,
+        # int8: Triton's inline assembly takes signless integers only.
+        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.int8)],
+    )
+    return jax.lax.bitcast_convert_type(stored, jnp.uint8)
 
 
 def block_view(x: jax.Array, block_size: int) -> jax.Array:
     """[..., D] -> [..., D // block_size, block_size]."""
     return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
-
-
-def block_nonfinite(blocks: jax.Array) -> jax.Array:
-    """[..., n, block] -> bool [..., n]: the block holds a NaN or an infinity."""
-    # A max over integers rather than jnp.any, whose reduce_or Pallas cannot lower to
-    # Triton.
-    return jnp.max((~jnp.isfinite(blocks)).astype(jnp.int32), axis=-1) > 0

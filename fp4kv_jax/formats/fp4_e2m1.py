@@ -36,19 +36,21 @@ class SglangFp4Codec(Codec):
     scale_dtype = jnp.uint8
 
     def encode(self, x, global_scale):
-        return self.encode_tile(x, global_scale, ptx=False)
+        return self.encode_planes(e2m1.split_planes(x), global_scale, ptx=False)
 
-    def encode_tile(self, x, global_scale, *, ptx):
-        blocks = e2m1.block_view(x, self.block_size)
-        bad = e2m1.block_nonfinite(blocks)
-        absmax = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0.0), axis=-1)
+    def encode_planes(self, planes, global_scale, *, ptx):
+        blocks = e2m1.plane_blocks(planes, self.block_size)
+        absmax, bad = e2m1.block_absmax(blocks)
         per_six = e2m1.divide(absmax, e2m1.MAX_MAGNITUDE, ptx=ptx)
         exponent = e2m1.ceil_log2_rounded(jnp.maximum(per_six, jnp.float32(_MIN_SCALED_ABSMAX)))
-        y = blocks * e2m1.exact_pow2(-exponent)[..., None]
-        codes = e2m1.with_sign(e2m1.magnitude_index_ties_away(jnp.abs(y)), y)
-        codes = jnp.where(bad[..., None], jnp.uint8(0), codes).reshape(x.shape)
+        power = e2m1.exact_pow2(-exponent)[..., None]
+        codes = []
+        for block in blocks:
+            y = block * power
+            codes.append(e2m1.with_sign(e2m1.magnitude_index_ties_away(jnp.abs(y)), y))
+        packed = jnp.where(bad[..., None], jnp.uint8(0), e2m1.pack_planes(*codes))
         scales = jnp.where(bad, NONFINITE_SCALE, exponent + 127).astype(jnp.uint8)
-        return e2m1.pack(codes), scales
+        return packed.reshape(planes[0].shape), scales
 
     def decode(self, data, scales, global_scale) -> jax.Array:
         values = e2m1.block_view(e2m1.code_values(e2m1.unpack(data)), self.block_size)

@@ -28,13 +28,14 @@ class Fp8Codec(Codec):
         )
 
     def encode(self, x, global_scale):
-        return self.encode_tile(x, global_scale, ptx=False)
+        return self.encode_planes((x,), global_scale, ptx=False)
 
-    def encode_tile(self, x, global_scale, *, ptx):
+    def encode_planes(self, planes, global_scale, *, ptx):
+        (x,) = planes
         largest = float(jnp.finfo(self.data_dtype).max)
         y = e2m1.divide(x, global_scale, ptx=ptx)
         y = jnp.where(jnp.isfinite(x), jnp.clip(y, -largest, largest), jnp.nan)
-        return e2m1.round_to_float8(y, self.data_dtype), None
+        return e2m1.round_to_float8(y, self.data_dtype, ptx=ptx), None
 
     def decode(self, data, scales, global_scale) -> jax.Array:
         return data.astype(jnp.float32) * global_scale

@@ -30,15 +30,19 @@ class Mxfp4Codec(Codec):
     scale_dtype = jnp.uint8
 
     def encode(self, x, global_scale):
-        blocks = e2m1.block_view(x, self.block_size)
-        bad = e2m1.block_nonfinite(blocks)
-        absmax = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0.0), axis=-1)
-        exponent = jnp.clip(e2m1.exponent_of(absmax) - _EMAX_E2M1, -127, 127)
-        y = e2m1.scale_by_pow2(blocks, -exponent[..., None])
-        codes = e2m1.with_sign(e2m1.magnitude_index_nearest_even(jnp.abs(y)), y)
-        codes = jnp.where(bad[..., None], jnp.uint8(0), codes).reshape(x.shape)
-        scales = jnp.where(bad, E8M0_NAN, exponent + 127).astype(jnp.uint8)
-        return e2m1.pack(codes), scales
+        return self.encode_planes(e2m1.split_planes(x), global_scale, ptx=False)
+
+    def encode_planes(self, planes, global_scale, *, ptx):
+        blocks = e2m1.plane_blocks(planes, self.block_size)
+        absmax, bad = e2m1.block_absmax(blocks)
+        exponent = jnp.clip(e2m1.exponent_of(absmax) - _EMAX_E2M1, -127, 127)[..., None]
+        codes = []
+        for block in blocks:
+            y = e2m1.scale_by_pow2(block, -exponent)
+            codes.append(e2m1.with_sign(e2m1.magnitude_index_nearest_even(jnp.abs(y)), y))
+        packed = jnp.where(bad[..., None], jnp.uint8(0), e2m1.pack_planes(*codes))
+        scales = jnp.where(bad, E8M0_NAN, exponent[..., 0] + 127).astype(jnp.uint8)
+        return packed.reshape(planes[0].shape), scales
 
     def decode(self, data, scales, global_scale) -> jax.Array:
         values = e2m1.block_view(e2m1.code_values(e2m1.unpack(data)), self.block_size)

@@ -22,14 +22,20 @@ E4M3_MAX = 448.0
 
 
 class EncodedBlocks(NamedTuple):
-    """One candidate encoding of x's blocks [..., n, 16]: E2M1 codes (uint8 [..., n,
-    16]), e4m3 block scales [..., n], the values divided by their block's scale
-    (float32 [..., n, 16], what the codes round) and that divisor (float32 [..., n])."""
+    """One candidate encoding of the blocks of x's even and odd planes: E2M1 codes
+    (uint8 [..., n, 8] a plane), e4m3 block scales [..., n], the values divided by
+    their block's scale (float32 [..., n, 8] a plane, what the codes round) and that
+    divisor (float32 [..., n])."""
 
-    codes: jax.Array
+    codes: tuple[jax.Array, jax.Array]
     scale: jax.Array
-    scaled: jax.Array
+    scaled: tuple[jax.Array, jax.Array]
     denominator: jax.Array
+
+    @property
+    def packed(self) -> jax.Array:
+        """The codes packed into bytes, uint8 [..., n, 8]."""
+        return e2m1.pack_planes(*self.codes)
 
 
 class Nvfp4Codec(Codec):
@@ -50,27 +56,29 @@ class Nvfp4Codec(Codec):
         )
 
     def encode(self, x, global_scale):
-        return self.encode_tile(x, global_scale, ptx=False)
+        return self.encode_planes(e2m1.split_planes(x), global_scale, ptx=False)
 
-    def encode_tile(self, x, global_scale, *, ptx):
-        blocks = self.encode_blocks(x, global_scale, e2m1.MAX_MAGNITUDE, ptx=ptx)
-        return e2m1.pack(blocks.codes.reshape(x.shape)), blocks.scale
+    def encode_planes(self, planes, global_scale, *, ptx):
+        blocks = self.encode_blocks(planes, global_scale, e2m1.MAX_MAGNITUDE, ptx=ptx)
+        return blocks.packed.reshape(planes[0].shape), blocks.scale
 
-    def encode_blocks(self, x, global_scale, target, *, ptx) -> EncodedBlocks:
-        """x [..., D] encoded with each block scaled so that its absmax maps to
-        `target` (6 for nvfp4; at most 6) -> codes and scales by block."""
-        blocks = e2m1.block_view(x, self.block_size)
-        bad = e2m1.block_nonfinite(blocks)
-        absmax = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0.0), axis=-1)
+    def encode_blocks(self, planes, global_scale, target, *, ptx) -> EncodedBlocks:
+        """The planes' blocks encoded with each block scaled so that its absmax maps
+        to `target` (6 for nvfp4; at most 6)."""
+        blocks = e2m1.plane_blocks(planes, self.block_size)
+        absmax, bad = e2m1.block_absmax(blocks)
         per_target = e2m1.divide(absmax, target, ptx=ptx)
         wanted = jnp.minimum(e2m1.divide(per_target, global_scale, ptx=ptx), E4M3_MAX)
         block_scale = e2m1.round_to_float8(jnp.where(bad, jnp.nan, wanted), jnp.float8_e4m3fn)
         denominator = block_scale.astype(jnp.float32) * global_scale
-        safe = jnp.where(denominator > 0, denominator, 1.0)[..., None]
-        y = jnp.where(denominator[..., None] > 0, e2m1.divide(blocks, safe, ptx=ptx), 0.0)
-        codes = e2m1.with_sign(e2m1.magnitude_index_nearest_even(jnp.abs(y)), y)
-        codes = jnp.where(bad[..., None], jnp.uint8(0), codes)
-        return EncodedBlocks(codes, block_scale, y, denominator)
+        positive = (denominator > 0)[..., None]
+        safe = jnp.where(positive, denominator[..., None], 1.0)
+        scaled, codes = [], []
+        for block in blocks:
+            y = jnp.where(positive, e2m1.divide(block, safe, ptx=ptx), 0.0)
+            scaled.append(y)
+            codes.append(jnp.where(bad[..., None], jnp.uint8(0), e2m1.with_sign(e2m1.magnitude_index_nearest_even(jnp.abs(y)), y)))
+        return EncodedBlocks(tuple(codes), block_scale, tuple(scaled), denominator)
 
     def decode(self, data, scales, global_scale) -> jax.Array:
         values = e2m1.block_view(e2m1.code_values(e2m1.unpack(data)), self.block_size)

@@ -14,6 +14,8 @@ kernels and SGLang's included, reads them as they are.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 from fp4kv_jax.formats import e2m1
@@ -26,19 +28,22 @@ SMALLER_TARGET = 4.0  # the absmax's code in the finer candidate
 class Nvfp4FourOverSixCodec(Nvfp4Codec):
     name = "nvfp4_4over6"
 
-    def encode_tile(self, x, global_scale, *, ptx):
-        six = self.encode_blocks(x, global_scale, e2m1.MAX_MAGNITUDE, ptx=ptx)
-        four = self.encode_blocks(x, global_scale, SMALLER_TARGET, ptx=ptx)
+    def encode_planes(self, planes, global_scale, *, ptx):
+        six = self.encode_blocks(planes, global_scale, e2m1.MAX_MAGNITUDE, ptx=ptx)
+        four = self.encode_blocks(planes, global_scale, SMALLER_TARGET, ptx=ptx)
 
         def error(blocks):
             # scaled - code is exact (the code is the nearest grid point), so only the
             # final product rounds; a non-finite block's NaN error keeps the six.
-            worst = jnp.max(jnp.abs(blocks.scaled - e2m1.value_by_bits(blocks.codes)), axis=-1)
+            worst = functools.reduce(jnp.maximum, [
+                jnp.max(jnp.abs(y - e2m1.value_by_bits(c)), axis=-1)
+                for y, c in zip(blocks.scaled, blocks.codes)
+            ])
             return worst * blocks.denominator
 
         use_four = error(four) < error(six)
-        codes = jnp.where(use_four[..., None], four.codes, six.codes).reshape(x.shape)
-        return e2m1.pack(codes), jnp.where(use_four, four.scale, six.scale)
+        packed = jnp.where(use_four[..., None], four.packed, six.packed)
+        return packed.reshape(planes[0].shape), jnp.where(use_four, four.scale, six.scale)
 
 
 register(Nvfp4FourOverSixCodec())

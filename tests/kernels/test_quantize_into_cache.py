@@ -53,6 +53,14 @@ def _filled(fmt, new, batch, capacity, seed):
     return QuantizedTensor(random_contents(empty.data), scales, global_scale, fmt)
 
 
+def _xla_encodes_exactly(fmt):
+    """Whether the reference (XLA) stores `quantize`'s CPU bytes on this backend. XLA's
+    float32 division on the GPU is not always correctly rounded, which moves Four Over
+    Six's error comparison for some blocks; the Pallas kernel divides with PTX
+    div.rn.f32 and matches the CPU."""
+    return not (fmt == "nvfp4_4over6" and jax.default_backend() == "gpu")
+
+
 def _bytes(q):
     """Every stored byte of a cache tensor: data and scales as uint8 arrays."""
     arrays = (q.data,) if q.scales is None else (q.data, q.scales)
@@ -62,8 +70,12 @@ def _bytes(q):
 def _written_one_by_one(stored, new, start, num_tokens, ring):
     """The bytes after storing `quantize(new)` one token at a time, in order: token t < n_b
     of sequence b goes to slot start_b + t (dropped past the capacity), or to
-    (start_b + t) % capacity in a ring, where later tokens overwrite earlier ones."""
-    quantized = _bytes(_quantize(new, fmt=stored.fmt, global_scale=stored.global_scale))
+    (start_b + t) % capacity in a ring, where later tokens overwrite earlier ones.
+    `quantize` runs on the CPU, whose bytes the format tests check on any machine."""
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        global_scale = None if stored.global_scale is None else jax.device_put(stored.global_scale, cpu)
+        quantized = _bytes(_quantize(jax.device_put(new, cpu), fmt=stored.fmt, global_scale=global_scale))
     out = [x.copy() for x in _bytes(stored)]
     capacity = stored.data.shape[2]
     for b, (first, count) in enumerate(zip(start, num_tokens)):
@@ -105,14 +117,16 @@ def test_both_implementations_store_quantize_bytes_at_the_slots_and_nothing_else
     kwargs = dict(num_tokens=jnp.array(num_tokens), ring=ring)
     reference = _write(*args, **kwargs, implementation="reference")
     kernel = _write(*args, **kwargs, implementation="pallas_triton", block_t=8)
-    for written in (reference, kernel):
+    for written in (reference, kernel) if _xla_encodes_exactly(fmt) else (kernel,):
         np.testing.assert_array_equal(written.global_scale, stored.global_scale)
         for got, want in zip(_bytes(written), expected, strict=True):
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu",
+                    reason="the compiled kernels take head_dim multiples of 64 (tiles.interpret_mode)")
 def test_head_dim_that_is_not_a_power_of_two_matches_the_reference():
-    # The kernel pads its tiles to 128 columns and masks the padding out of the stores.
+    # The kernel pads each plane's tile to 64 columns and masks the padding out of the stores.
     new = _new_values(1, 2, 5, head_dim=96)
     stored = _filled("fp4_e2m1", new, 2, 16, seed=2)
     args = (new, stored, jnp.array([0, 9]))
@@ -214,7 +228,7 @@ def test_compiled_kernel_matches_reference_on_gpu_without_copying_the_cache(fmt)
     stored = _filled(fmt, new, batch, capacity, seed=6)
     start = jnp.array([0, 1000, 3900, 4095])  # the last two run past the capacity
     num_tokens = jnp.array([300, 1, 300, 300])
-    written = {}
+    expected = _written_one_by_one(stored, new, np.asarray(start), np.asarray(num_tokens), False)
     for implementation in ("reference", "pallas_triton"):
         def write(new, stored, start, num_tokens, implementation=implementation):
             return quantize_into_cache(new, stored, start, num_tokens=num_tokens,
@@ -223,10 +237,41 @@ def test_compiled_kernel_matches_reference_on_gpu_without_copying_the_cache(fmt)
         step = jax.jit(write, donate_argnums=1)
         hlo = step.lower(new, stored, start, num_tokens).compile().as_text()
         assert _full_buffer_copies(hlo, stored) == [], implementation
+        if implementation == "reference" and not _xla_encodes_exactly(fmt):
+            continue
         fresh = jax.tree.map(jnp.copy, stored)  # the step consumes its cache
-        written[implementation] = _bytes(step(new, fresh, start, num_tokens))
-    for got, want in zip(written["pallas_triton"], written["reference"], strict=True):
-        np.testing.assert_array_equal(got, want)
-    expected = _written_one_by_one(stored, new, np.asarray(start), np.asarray(num_tokens), False)
-    for got, want in zip(written["reference"], expected, strict=True):
-        np.testing.assert_array_equal(got, want)
+        for got, want in zip(_bytes(step(new, fresh, start, num_tokens)), expected, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=implementation)
+
+
+def _awkward_values(seed, batch, tokens, head_dim):
+    """float32 [B, T, Hkv, D] of the values encoders get wrong first: E2M1 midpoints and
+    fp8 midpoints (exact ties) times powers of two, zeros of both signs, values past
+    fp8's range, and NaN and infinities in a few blocks."""
+    rng = np.random.default_rng(seed)
+    e2m1_ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]
+    fp8_ties = [1 + (2 * j + 1) / 16 for j in range(8)] + [1 + (2 * j + 1) / 8 for j in range(4)]
+    pool = np.array(e2m1_ties + fp8_ties + [0.0, 1000.0, 1e5, 1e-3], np.float32)
+    x = rng.choice(pool, (batch, tokens, KV_HEADS, head_dim))
+    x *= rng.choice([-1.0, 1.0], x.shape) * 2.0 ** rng.integers(-3, 4, x.shape)
+    x[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    x[-1, -1, -1, 17] = -np.inf
+    x[0, -1, 0, 40:48] = -0.0
+    return jnp.asarray(x, jnp.float32)
+
+
+@pytest.mark.parametrize("fmt", format_names())
+@pytest.mark.parametrize(
+    "tokens, dtype", [(1, jnp.float32), (37, jnp.float32), (37, jnp.bfloat16), (37, jnp.float16)]
+)
+def test_kernel_stores_the_cpu_reference_bytes_for_ties_and_non_finite_values(fmt, tokens, dtype):
+    """On a GPU the compiled kernel (PTX divisions and conversions), on CPU interpret
+    mode; 16-bit values load as pairs in one word for packed formats."""
+    batch, capacity, head_dim = 2, 64, 128
+    new = _awkward_values(7, batch, tokens, head_dim).astype(dtype)
+    stored = empty_tensor(fmt, (batch, KV_HEADS, capacity, head_dim))  # global scale 1.0
+    start = jnp.array([0, 5])
+    got = _bytes(quantize_into_cache(new, stored, start, implementation="pallas_triton"))
+    want = _written_one_by_one(stored, new, np.asarray(start), np.full(batch, tokens), False)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
