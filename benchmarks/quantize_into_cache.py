@@ -15,11 +15,15 @@ bandwidth. The kernel is first checked against the reference, bit for bit.
     python benchmarks/quantize_into_cache.py                  # every format
     python benchmarks/quantize_into_cache.py --formats nvfp4 --variants "block_t=32;block_t=128"
     python benchmarks/quantize_into_cache.py --out DIR        # also write results.json there
+    python benchmarks/quantize_into_cache.py --cases bulk --global-scale 0.09
+                                   # fp8 and nvfp4 caches with a calibrated-like global scale
+                                   # (default: a fresh cache's 1.0, a power of two)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -78,7 +82,16 @@ def median_ms_donating(step, stored, *args, repeats: int = 30, calls: int = 10) 
     return statistics.median(samples)
 
 
-def check_correctness(formats) -> list[dict]:
+def fresh_cache(fmt: str, batch: int, capacity: int, global_scale: float | None):
+    """An empty cache tensor [B, Hkv, capacity, D]; formats with a global scale get
+    `global_scale` (None: the fresh cache's own, 1.0)."""
+    stored = empty_tensor(fmt, (batch, KV_HEADS, capacity, HEAD_DIM))
+    if global_scale is None or stored.global_scale is None:
+        return stored
+    return dataclasses.replace(stored, global_scale=jnp.float32(global_scale))
+
+
+def check_correctness(formats, global_scale) -> list[dict]:
     """Compiled kernel vs reference on ragged starts, two running past the capacity."""
     rows = []
     batch, tokens, capacity = 4, 300, 4096
@@ -87,14 +100,14 @@ def check_correctness(formats) -> list[dict]:
     for fmt in formats:
         written = {}
         for implementation in ("reference", "pallas_triton"):
-            stored = empty_tensor(fmt, (batch, KV_HEADS, capacity, HEAD_DIM))
+            stored = fresh_cache(fmt, batch, capacity, global_scale)
             written[implementation] = stored_bytes(writer(implementation, {})(stored, new, start))
         same = all(np.array_equal(a, b) for a, b in zip(written["reference"], written["pallas_triton"]))
         rows.append(dict(fmt=fmt, bit_identical=same))
     return rows
 
 
-def time_case(case, capacity, fmt, variants, copy_tbs) -> list[dict]:
+def time_case(case, capacity, fmt, variants, copy_tbs, global_scale) -> list[dict]:
     batch, tokens = CASES[case]["batch"], CASES[case]["tokens"]
     new = new_values(jax.random.key(1), batch, tokens)
     # Sequences at different lengths, none past the capacity.
@@ -104,7 +117,7 @@ def time_case(case, capacity, fmt, variants, copy_tbs) -> list[dict]:
     rows = []
     for impl, variant in runs:
         implementation = "reference" if impl == "reference" else "pallas_triton"
-        stored = empty_tensor(fmt, (batch, KV_HEADS, capacity, HEAD_DIM))
+        stored = fresh_cache(fmt, batch, capacity, global_scale)
         try:
             ms = median_ms_donating(writer(implementation, variant), stored, new, start)
         except Exception as error:  # a variant that does not compile is reported, not fatal
@@ -136,8 +149,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default=",".join(format_names()))
     parser.add_argument("--variants", default="", help="';'-separated k=v,k=v tuning sets; empty: the defaults")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"any of {', '.join(CASES)}")
+    parser.add_argument("--global-scale", type=float,
+                        help="global scale of fp8 and nvfp4 caches (default: a fresh cache's 1.0)")
     parser.add_argument("--out", type=Path, help="directory for results.json")
     args = parser.parse_args()
+    cases = args.cases.split(",")
+    if unknown := sorted(set(cases) - set(CASES)):
+        parser.error(f"--cases: unknown {', '.join(unknown)}; valid: {', '.join(CASES)}")
+    if args.global_scale is not None and not (0 < args.global_scale < float("inf")):
+        parser.error(f"--global-scale: expected a positive finite number, got {args.global_scale}")
     if jax.default_backend() != "gpu":
         print("quantize_into_cache.py: needs a GPU.", file=sys.stderr)
         return 2
@@ -145,23 +166,24 @@ def main() -> int:
     variants = variants_arg(args.variants)
     device = jax.devices()[0]
     print(run_header())
-    checks = check_correctness(formats)
+    checks = check_correctness(formats, args.global_scale)
     for c in checks:
         print(f"check {c['fmt']:9s}: bit-identical to the reference: {c['bit_identical']}")
     copy_tbs = copy_bandwidth_tbs()
     print(f"copy bandwidth: {copy_tbs:.2f} TB/s (read + write)")
     rows = []
-    for case in CASES:
+    for case in cases:
         for capacity in CASES[case]["capacities"]:
             case_rows = []
             for fmt in formats:
-                case_rows += time_case(case, capacity, fmt, variants, copy_tbs)
+                case_rows += time_case(case, capacity, fmt, variants, copy_tbs, args.global_scale)
             print(table(case_rows), flush=True)
             rows += case_rows
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(
             dict(device=device.device_kind, jax=jax.__version__, copy_tbs=copy_tbs,
+                 global_scale=args.global_scale,
                  checks=checks, rows=rows), indent=1))
     print("\n" + table(rows))
     return 0 if all(c["bit_identical"] for c in checks) else 1

@@ -411,43 +411,63 @@ def divide(x: jax.Array, divisor: jax.Array | float, *, ptx: bool = False) -> ja
     return quotient
 
 
-def round_to_float8(w: jax.Array, dtype: jnp.dtype, *, ptx: bool = False) -> jax.Array:
+def divide_by_scalar(x: jax.Array, divisor: jax.Array, *, ptx: bool) -> jax.Array:
+    """x / divisor for a positive float32 scalar divisor, correctly rounded as `divide`.
+
+    Inside a kernel compiled for an NVIDIA GPU (`ptx=True`), a power-of-two divisor
+    (fp8's default global scale, 1.0) multiplies by its reciprocal instead: that is the
+    same real quotient, rounded once, so the same float32, at one instruction where
+    div.rn.f32 takes several. The test is on the scalar, so the whole kernel takes one
+    branch.
+    """
+    if not ptx:
+        return divide(x, divisor)
+    exponent = exponent_of(divisor)
+    power_of_two = (divisor > 0) & (mantissa_of(divisor) == 0) & (jnp.abs(exponent) <= 126)
+    return jax.lax.cond(
+        power_of_two,
+        lambda: x * exact_pow2(-exponent),
+        lambda: divide(x, divisor, ptx=True),
+    )
+
+
+# The one NaN byte float8 formats store (see round_to_float8).
+FLOAT8_NAN_BYTE = np.uint8(0x7F)
+
+
+def round_to_float8(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """float32 w, within dtype's finite range or NaN -> dtype, rounded once to nearest-even.
 
-    NaN stores 0x7F, the positive NaN with every mantissa bit set, whichever NaN a
-    backend's conversion would pick: it is the one Hopper's conversion writes, and the
-    one XLA's CPU float8 updates (through float16) keep; numpy's e5m2 NaN, 0x7E,
-    would come back as 0x7F from them. With `ptx=True` (inside a Pallas kernel compiled for an
-    NVIDIA GPU) the rounding is Hopper's conversion, cvt.rn.satfinite, two values an
-    instruction.
+    NaN stores FLOAT8_NAN_BYTE, 0x7F, the positive NaN with every mantissa bit set,
+    whichever NaN a backend's conversion would pick: Hopper's conversion writes it,
+    and XLA's CPU float8 updates (through float16) keep it; numpy's e5m2 NaN, 0x7E,
+    would come back from them as 0x7F.
 
-    Otherwise the rounding is float32 addition: XLA's float32-to-float8 conversion on
-    CPU can round twice (through a wider format), which breaks ties, so w is rounded
-    on the float8 grid in float32 first and the final conversion is exact. |w| plus a
-    shifter 1.5 * 2**k whose float32 spacing is the grid's quantum lands on the grid,
-    ties to even, and subtracting the shifter again is exact (Pallas lowers no
-    jnp.round to Triton).
+    The rounding is float32 addition: XLA's float32-to-float8 conversion on CPU can
+    round twice (through a wider format), which breaks ties, so w is rounded on the
+    float8 grid in float32 first and the final conversion is exact. |w| plus a shifter
+    1.5 * 2**k whose float32 spacing is the grid's quantum lands on the grid, ties to
+    even, and subtracting the shifter again is exact (Pallas lowers no jnp.round to
+    Triton). Kernels compiled for a GPU use `saturated_float8_bytes` instead.
     """
-    nan_byte = np.uint8(0x7F)
-    if ptx:
-        stored = _hardware_float8_bytes(w, dtype)
-    else:
-        finfo = jnp.finfo(dtype)
-        min_exponent, mantissa_bits = int(np.log2(float(finfo.smallest_normal))), finfo.nmant
-        magnitude = jnp.abs(w)
-        exponent = jnp.maximum(exponent_of(magnitude), min_exponent)
-        shifter = 1.5 * exact_pow2(exponent - mantissa_bits + 23)
-        rounded_magnitude = (magnitude + shifter) - shifter
-        sign = jax.lax.bitcast_convert_type(w, jnp.uint32) & jnp.uint32(0x80000000)
-        rounded = jax.lax.bitcast_convert_type(
-            jax.lax.bitcast_convert_type(rounded_magnitude, jnp.uint32) | sign, jnp.float32
-        )
-        stored = jax.lax.bitcast_convert_type(rounded.astype(dtype), jnp.uint8)
-    return jax.lax.bitcast_convert_type(jnp.where(jnp.isnan(w), nan_byte, stored), dtype)
+    finfo = jnp.finfo(dtype)
+    min_exponent, mantissa_bits = int(np.log2(float(finfo.smallest_normal))), finfo.nmant
+    magnitude = jnp.abs(w)
+    exponent = jnp.maximum(exponent_of(magnitude), min_exponent)
+    shifter = 1.5 * exact_pow2(exponent - mantissa_bits + 23)
+    rounded_magnitude = (magnitude + shifter) - shifter
+    sign = jax.lax.bitcast_convert_type(w, jnp.uint32) & jnp.uint32(0x80000000)
+    rounded = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(rounded_magnitude, jnp.uint32) | sign, jnp.float32
+    )
+    stored = jax.lax.bitcast_convert_type(rounded.astype(dtype), jnp.uint8)
+    return jax.lax.bitcast_convert_type(jnp.where(jnp.isnan(w), FLOAT8_NAN_BYTE, stored), dtype)
 
 
-def _hardware_float8_bytes(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """float32 w -> uint8 float8 bytes by PTX cvt.rn.satfinite (sm_89 and later)."""
+def saturated_float8_bytes(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """float32 w -> uint8 float8 bytes by PTX cvt.rn.satfinite (sm_89 and later), inside
+    a Pallas kernel (Triton lowering): nearest-even, finite values past the range and
+    infinities to the largest finite value, NaN to a NaN."""
     from jax.experimental.pallas import triton as plgpu
 
     ptx_type = {jnp.dtype(jnp.float8_e4m3fn): "e4m3", jnp.dtype(jnp.float8_e5m2): "e5m2"}[jnp.dtype(dtype)]

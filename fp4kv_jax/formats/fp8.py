@@ -32,10 +32,16 @@ class Fp8Codec(Codec):
 
     def encode_planes(self, planes, global_scale, *, ptx):
         (x,) = planes
+        y = e2m1.divide_by_scalar(x, global_scale, ptx=ptx)
+        if ptx:
+            # The conversion saturates as the clip below does; only infinite x, which
+            # it would saturate too, needs the NaN.
+            stored = e2m1.saturated_float8_bytes(y, self.data_dtype)
+            stored = jnp.where(jnp.isfinite(x), stored, e2m1.FLOAT8_NAN_BYTE)
+            return jax.lax.bitcast_convert_type(stored, self.data_dtype), None
         largest = float(jnp.finfo(self.data_dtype).max)
-        y = e2m1.divide(x, global_scale, ptx=ptx)
         y = jnp.where(jnp.isfinite(x), jnp.clip(y, -largest, largest), jnp.nan)
-        return e2m1.round_to_float8(y, self.data_dtype, ptx=ptx), None
+        return e2m1.round_to_float8(y, self.data_dtype), None
 
     def decode(self, data, scales, global_scale) -> jax.Array:
         return data.astype(jnp.float32) * global_scale
