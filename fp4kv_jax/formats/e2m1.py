@@ -470,7 +470,8 @@ def saturated_float8_bytes(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     infinities to the largest finite value, NaN to a NaN."""
     from jax.experimental.pallas import triton as plgpu
 
-    ptx_type = {jnp.dtype(jnp.float8_e4m3fn): "e4m3", jnp.dtype(jnp.float8_e5m2): "e5m2"}[jnp.dtype(dtype)]
+    ptx_types = {jnp.dtype(jnp.float8_e4m3fn): "e4m3", jnp.dtype(jnp.float8_e5m2): "e5m2"}
+    ptx_type = ptx_types[jnp.dtype(dtype)]
     [stored] = plgpu.elementwise_inline_asm(
         # The second source lands in the low byte: element 0 of the pair.
         f"cvt.rn.satfinite.{ptx_type}x2.f32 $0, $2, $1;",

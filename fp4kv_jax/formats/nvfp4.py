@@ -76,8 +76,9 @@ class Nvfp4Codec(Codec):
         scaled, codes = [], []
         for block in blocks:
             y = jnp.where(positive, e2m1.divide(block, safe, ptx=ptx), 0.0)
+            code = e2m1.with_sign(e2m1.magnitude_index_nearest_even(jnp.abs(y)), y)
             scaled.append(y)
-            codes.append(jnp.where(bad[..., None], jnp.uint8(0), e2m1.with_sign(e2m1.magnitude_index_nearest_even(jnp.abs(y)), y)))
+            codes.append(jnp.where(bad[..., None], jnp.uint8(0), code))
         return EncodedBlocks(tuple(codes), block_scale, tuple(scaled), denominator)
 
     def decode(self, data, scales, global_scale) -> jax.Array:

@@ -67,7 +67,7 @@ def _load_planes(new_ref, t, width: int, num_planes: int, value_dtype: jnp.dtype
 
     if num_planes == 1:
         return (load(columns, columns_stored).astype(jnp.float32),)
-    if new_ref.dtype == jnp.uint32 and jnp.dtype(value_dtype).itemsize == 2:
+    if _loads_words(num_planes, value_dtype):
         words = load(columns, columns_stored)
         halves = ((words & 0xFFFF).astype(jnp.uint16), (words >> 16).astype(jnp.uint16))
         return tuple(
@@ -79,13 +79,18 @@ def _load_planes(new_ref, t, width: int, num_planes: int, value_dtype: jnp.dtype
     )
 
 
+def _loads_words(num_planes: int, value_dtype: jnp.dtype) -> bool:
+    """Whether the kernel reads pairs of values as one 32-bit word (`_value_words`)."""
+    return num_planes == 2 and jnp.dtype(value_dtype).itemsize == 2
+
+
 def _value_words(new: jax.Array, num_planes: int) -> jax.Array:
     """For packed formats, 16-bit new values [B, T, Hkv, D] as uint32 words [B, T, Hkv,
     D / 2], the even column in the low half: a byte's two values load as one word, and
     a tile of words as wide vector loads (a column stride would split them). Other
     values as they are; 32-bit pairs would need 64-bit words, which JAX has only
     under x64, so their planes load with a column stride."""
-    if num_planes != 2 or new.dtype.itemsize != 2:
+    if not _loads_words(num_planes, new.dtype):
         return new
     pairs = new.reshape(*new.shape[:-1], new.shape[-1] // 2, 2)
     return jax.lax.bitcast_convert_type(pairs, jnp.uint32)

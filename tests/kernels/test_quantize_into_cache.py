@@ -74,8 +74,9 @@ def _written_one_by_one(stored, new, start, num_tokens, ring):
     `quantize` runs on the CPU, whose bytes the format tests check on any machine."""
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
-        global_scale = None if stored.global_scale is None else jax.device_put(stored.global_scale, cpu)
-        quantized = _bytes(_quantize(jax.device_put(new, cpu), fmt=stored.fmt, global_scale=global_scale))
+        stored_on_cpu = jax.device_put(stored, cpu)
+        quantized = _bytes(_quantize(jax.device_put(new, cpu), fmt=stored.fmt,
+                                     global_scale=stored_on_cpu.global_scale))
     out = [x.copy() for x in _bytes(stored)]
     capacity = stored.data.shape[2]
     for b, (first, count) in enumerate(zip(start, num_tokens)):
