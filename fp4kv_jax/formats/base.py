@@ -113,7 +113,8 @@ class Codec(abc.ABC):
         `encode(x)` bit for bit. The default, for one plane, is `encode` itself, which
         suits codecs built only from ops Pallas lowers to Triton and with no float
         division: Triton's float32 `/` is the approximate div.full.f32. Codecs that
-        divide override this and divide with `e2m1.divide(..., ptx=ptx)`: `ptx=True`
+        divide override this and divide with `e2m1.divide(..., ptx=ptx)` (or
+        `e2m1.divide_by_scalar` for one divisor a tensor): `ptx=True`
         compiled for an NVIDIA GPU, `ptx=False` in interpret mode and in XLA.
         """
         (x,) = planes

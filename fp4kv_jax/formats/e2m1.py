@@ -448,7 +448,8 @@ def round_to_float8(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     float8 grid in float32 first and the final conversion is exact. |w| plus a shifter
     1.5 * 2**k whose float32 spacing is the grid's quantum lands on the grid, ties to
     even, and subtracting the shifter again is exact (Pallas lowers no jnp.round to
-    Triton). Kernels compiled for a GPU use `saturated_float8_bytes` instead.
+    Triton). The fp8 codec's compiled kernel path rounds with `saturated_float8_bytes`
+    instead; nvfp4's block scales, a few a tile, come through here everywhere.
     """
     finfo = jnp.finfo(dtype)
     min_exponent, mantissa_bits = int(np.log2(float(finfo.smallest_normal))), finfo.nmant

@@ -34,8 +34,8 @@ class Fp8Codec(Codec):
         (x,) = planes
         y = e2m1.divide_by_scalar(x, global_scale, ptx=ptx)
         if ptx:
-            # The conversion saturates as the clip below does; only infinite x, which
-            # it would saturate too, needs the NaN.
+            # The conversion saturates finite values as the clip below does; non-finite
+            # x (which it would saturate or turn into its own NaN) gets the one NaN byte.
             stored = e2m1.saturated_float8_bytes(y, self.data_dtype)
             stored = jnp.where(jnp.isfinite(x), stored, e2m1.FLOAT8_NAN_BYTE)
             return jax.lax.bitcast_convert_type(stored, self.data_dtype), None
