@@ -3,8 +3,9 @@ inline PTX run from every thread of a warpgroup (Mosaic GPU kernels only).
 
 Each thread takes 16-byte chunks of packed bytes (32 codes of one row): one vector
 load, the codec's block scales turned into bf16 pairs, the E2M1 bit decode of
-`e2m1.PTX_WORD_PLANES` (one multiply a pair of values), and four 16-byte stores into the 128-byte-swizzled tile, plane-major: a byte's low code goes to
-column c of the even half, its high code to column D/2 + c.
+`e2m1.PTX_WORD_PAIRS` (one multiply a pair of values), and four 16-byte stores into
+the 128-byte-swizzled tile in channel order: byte c's low code goes to column 2c, its
+high code to column 2c + 1.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ SWIZZLED_TILE = plgpu.RefType((plgpu.TilingTransform((8, _SWIZZLE // 2)), plgpu.
 
 def decode_tile(codec, data_ref, scales_ref, out_ref):
     """data_ref uint8 [R, D/2] and scales_ref uint8 [R * D/block / 16, 16] (row-major
-    block scales) in shared memory -> out_ref bf16 [R, D], plane-major, swizzled.
+    block scales) in shared memory -> out_ref bf16 [R, D] in channel order, swizzled.
 
     The values are those of `codec.decode_planes` (times 2**-plane_exponent), in bf16.
     """
@@ -44,17 +45,15 @@ def decode_tile(codec, data_ref, scales_ref, out_ref):
         address = lambda ref: llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))
         data_base, scales_base, out_base = address(data), address(scales), address(out)
         thread = arith.remui(mgpu_utils.thread_idx(), const(_WARPGROUP))
+        first_row, column = _first_chunk(thread, chunks_per_row, const)
         for step in range(rows * chunks_per_row // _WARPGROUP):
-            chunk = arith.addi(thread, const(step * _WARPGROUP))
-            row = arith.divui(chunk, const(chunks_per_row))
-            column = arith.muli(arith.remui(chunk, const(chunks_per_row)), const(_CHUNK))
+            row = arith.addi(first_row, const(step * _WARPGROUP // chunks_per_row))
             words = mgpu_utils.inline_ptx(
                 "ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];",
                 arith.addi(data_base, arith.addi(arith.muli(row, const(width)), column)),
                 result_types=[i32] * 4,
                 has_side_effects=True,  # keep it after the barrier that makes the bytes ready
             )
-            even, odd = [], []
             for j, word in enumerate(words):
                 if j % words_per_scale == 0:  # a block scale serves 8 or 16 columns of the chunk
                     block = arith.divui(arith.muli(arith.addi(column, const(4 * j)), const(2)), const(codec.block_size))
@@ -65,21 +64,34 @@ def decode_tile(codec, data_ref, scales_ref, out_ref):
                         has_side_effects=True,
                     )
                     scale = mgpu_utils.inline_ptx(codec.plane_scale_ptx, scale_byte, result_types=i32)
-                even0, even1, odd0, odd1 = mgpu_utils.inline_ptx(
-                    e2m1.PTX_WORD_PLANES, word, scale, result_types=[i32] * 4
+                pairs = mgpu_utils.inline_ptx(e2m1.PTX_WORD_PAIRS, word, scale, result_types=[i32] * 4)
+                col = arith.addi(arith.muli(column, const(2)), const(8 * j))  # the word's 8 channels: one 16-byte store
+                mgpu_utils.inline_ptx(
+                    "st.shared.v4.b32 [$0], {$1, $2, $3, $4};",
+                    arith.addi(out_base, _swizzled_offset(row, col, head_dim, const)),
+                    *pairs,
                 )
-                even += [even0, even1]
-                odd += [odd0, odd1]
-            for half, plane in enumerate((even, odd)):
-                for part in range(2):  # 8 values = one 16-byte store
-                    col = arith.addi(const(half * width), arith.addi(column, const(8 * part)))
-                    mgpu_utils.inline_ptx(
-                        "st.shared.v4.b32 [$0], {$1, $2, $3, $4};",
-                        arith.addi(out_base, _swizzled_offset(row, col, head_dim, const)),
-                        *plane[4 * part : 4 * part + 4],
-                    )
 
     emit(data_ref, scales_ref, out_ref)
+
+
+def _first_chunk(thread, chunks_per_row, const):
+    """(row, byte column) of the first 16-byte chunk thread `thread` (0-127) of the
+    warpgroup decodes; its later ones sit 128 / chunks_per_row rows further down.
+
+    16-byte accesses are served a quarter-warp (8 threads) at a time, so 8 consecutive
+    threads must hit 8 different 16-byte bank groups both when loading packed rows
+    (`width` bytes apart) and when storing into the swizzled tile (where a row's group
+    is its 16-byte column XOR the row mod 8). Row-major order does both at head_dim 64;
+    at 128 it would store chunks 0 and 2 of a row into one group, so there each
+    quarter-warp q takes 8 rows, chunk (row // 2 + q) mod 4 of each.
+    """
+    if chunks_per_row != 4:
+        return arith.divui(thread, const(chunks_per_row)), arith.muli(arith.remui(thread, const(chunks_per_row)), const(_CHUNK))
+    lane, warp = arith.remui(thread, const(32)), arith.divui(thread, const(32))
+    row_in_warp, quarter = arith.remui(lane, const(8)), arith.divui(lane, const(8))
+    chunk = arith.remui(arith.addi(arith.divui(row_in_warp, const(2)), quarter), const(4))
+    return arith.addi(arith.muli(warp, const(8)), row_in_warp), arith.muli(chunk, const(_CHUNK))
 
 
 def _swizzled_offset(row, col, head_dim, const):

@@ -53,11 +53,11 @@ def copy_kv_block(sources, stages, barrier, batch, head, block) -> None:
 
 
 def decode_portable(codec, data_ref, scales_ref, out_ref):
-    """Packed tile [R, D/2] and its scale rows -> bf16 plane-major tile [R, D], by the
-    codec's `decode_planes` (what `decode_tile_ptx` computes, for interpret mode)."""
+    """Packed tile [R, D/2] and its scale rows -> bf16 tile [R, D] in channel order, by
+    the codec's `decode_planes` (what `decode_tile_ptx` computes, for interpret mode)."""
     rows = data_ref.shape[0]
     scales = scales_ref[...].reshape(rows, -1)
     if jnp.dtype(codec.scale_dtype) != jnp.uint8:
         scales = lax.bitcast_convert_type(scales, codec.scale_dtype)
     even, odd = codec.decode_planes(data_ref[...], scales, ptx=False)
-    out_ref[...] = jnp.concatenate([even, odd], axis=1).astype(jnp.bfloat16)
+    out_ref[...] = jnp.stack([even, odd], axis=-1).reshape(rows, -1).astype(jnp.bfloat16)

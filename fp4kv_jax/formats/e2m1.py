@@ -216,26 +216,26 @@ PTX_E4M3_SCALE_PAIR = (
 
 
 # PTX decoding the 8 codes of one 32-bit word of 4 packed bytes b0..b3 into 4 bf16
-# pairs: $0 = (b0, b1) and $1 = (b2, b3) low codes (the even plane), $2, $3 the same
-# for the high codes (the odd plane); $4 the word, $5 the bf16 scale pair. A masked
-# nibble x at bits 0-3 of a 16-bit half becomes (x << 6) | (x << 12) by one multiply
-# (the two never overlap, so the sum is the OR): magnitude at bits 6-8, sign at bit
-# 15 once masked, read as value * 2**-126 like `_ptx_decode`'s.
-PTX_WORD_PLANES = """{
-.reg .b32 z, lo, hi, x, y0, y1, y2, y3;
-mov.b32 z, 0;
+# pairs in channel order: $n = (low code, high code) of byte n, channels 2n and 2n + 1;
+# $4 the word, $5 the bf16 scale pair. The low and high codes are masked apart, and a
+# byte permute takes byte n of each into the two 16-bit halves (zero bytes by
+# replicating the sign bit of a byte that has none). A nibble x at bits 0-3 of a half
+# then becomes (x << 6) | (x << 12) by one multiply (the two never overlap, so the sum
+# is the OR): magnitude at bits 6-8, sign at bit 15 once masked, read as
+# value * 2**-126 like `_ptx_decode`'s.
+PTX_WORD_PAIRS = """{
+.reg .b32 lo, hi, x, y0, y1, y2, y3;
 and.b32 lo, $4, 0x0F0F0F0F;
-and.b32 hi, $4, 0xF0F0F0F0;
+shr.u32 hi, $4, 4;
+and.b32 hi, hi, 0x0F0F0F0F;
 """ + "".join(
-    f"prmt.b32 x, {src}, z, {selector};\nmul.lo.u32 x, x, {factor};\n"
-    f"and.b32 x, x, 0x81C081C0;\nmul.rn.bf16x2 y{out}, x, $5;\n"
-    for out, (src, factor, selector) in enumerate(
-        [("lo", 4160, "0x4140"), ("lo", 4160, "0x4342"), ("hi", 260, "0x4140"), ("hi", 260, "0x4342")]
-    )
+    f"prmt.b32 x, lo, hi, {n | (8 | n) << 4 | (4 + n) << 8 | (12 + n) << 12:#06x};\nmul.lo.u32 x, x, 4160;\n"
+    f"and.b32 x, x, 0x81C081C0;\nmul.rn.bf16x2 y{n}, x, $5;\n"
+    for n in range(4)
 ) + "mov.b32 $0, y0;\nmov.b32 $1, y1;\nmov.b32 $2, y2;\nmov.b32 $3, y3;\n}"  # outputs last: they may share inputs' registers
 
 
-# The decode of `PTX_WORD_PLANES` for two codes 16 bits apart, lane by lane: `src`
+# The decode of `PTX_WORD_PAIRS` for two codes 16 bits apart, lane by lane: `src`
 # masked to one nibble a 16-bit half (at bits 0-3, or 4-7 when `high`), spread by one
 # multiply, masked to the bf16 bits and scaled by the bf16 pair `scale`, into `out`.
 def _ptx_half_pair(out: str, src: str, high: bool, scale: str) -> str:

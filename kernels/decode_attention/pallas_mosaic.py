@@ -12,10 +12,9 @@ where N = 8 or 16 rows hold the GQA group's query heads (padded). Putting positi
 heads, on M keeps the tensor cores' work at 8 or 16 rows instead of wgmma's minimum 64.
 The loop is software-pipelined: a block's values are decoded while its scores are in
 flight on the tensor cores, and the next block's keys while its weighted values are.
-Decoded tiles are plane-major: columns [0, D/2) hold the even elements and [D/2, D)
-the odd ones, as one packed byte gives one of each; the queries are permuted to
-match, and O^T's rows are un-permuted afterwards. The splits' partial softmax states
-are merged in XLA with the sinks (`splits.merge`), as for the Triton kernel.
+Decoded tiles are in channel order, so the queries and O^T need no permutation. The
+splits' partial softmax states are merged in XLA with the sinks (`splits.merge`), as
+for the Triton kernel.
 
 On the GPU the decode is inline PTX (`decode_tile_ptx`); in Mosaic GPU interpret mode
 it is the codec's portable `decode_planes`, and a GPU test checks they agree bit for
@@ -194,9 +193,8 @@ def decode_attention(
     head_rows = 8 if group <= 8 else 16  # wgmma's N: the group's query heads, padded
     chunk, num_split_programs = splits.plan(batch, kv_heads, capacity, block_k, num_splits)
 
-    # K's plane factor joins the queries, V's the output; columns go plane-major.
-    qg = splits.grouped_queries(q, k, head_rows, sm_scale)
-    q_planes = jnp.concatenate([qg[..., 0::2], qg[..., 1::2]], axis=-1).astype(jnp.bfloat16)
+    # K's plane factor joins the queries, V's the output.
+    qg = splits.grouped_queries(q, k, head_rows, sm_scale).astype(jnp.bfloat16)
 
     block_scale_rows = block_k * head_dim // codec.block_size // mosaic_tiles.SCALE_ROW
     decode = mosaic_tiles.decode_portable if interpret else mosaic_tiles.decode_tile_ptx
@@ -216,7 +214,7 @@ def decode_attention(
             jax.ShapeDtypeStruct((batch, kv_heads, num_split_programs, head_rows), jnp.float32),
         ),
         scratch_types=(
-            mosaic_tiles.swizzled_tile(head_rows, head_dim, jnp.bfloat16),  # q, plane-major
+            mosaic_tiles.swizzled_tile(head_rows, head_dim, jnp.bfloat16),  # q
             stage(packed),
             stage((block_scale_rows, mosaic_tiles.SCALE_ROW)),
             stage(packed),
@@ -229,10 +227,9 @@ def decode_attention(
         compiler_params=COMPILER_PARAMS,
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )(
-        lengths.astype(jnp.int32), q_planes,
+        lengths.astype(jnp.int32), qg,
         k.data, mosaic_tiles.scale_rows(k.scales), v.data, mosaic_tiles.scale_rows(v.scales),
     )
-    # O^T [D plane-major, N] -> [P, N, D/P], the layout the split merge takes.
-    out = jnp.swapaxes(out, -1, -2).reshape(batch, kv_heads, num_split_programs, head_rows, 2, head_dim // 2)
-    out = jnp.moveaxis(out, -2, -3)
+    # O^T [D, N] -> [1 plane, N, D], the layout the split merge takes.
+    out = jnp.swapaxes(out, -1, -2)[:, :, :, None]
     return (splits.merge(out, peak, total, sinks, group) * tiles.plane_factor(v)).astype(q.dtype)

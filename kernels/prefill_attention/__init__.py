@@ -69,8 +69,8 @@ def prefill_attention(
         full-precision keys and values by position (`fp4kv_jax.cache.kept_values`).
       implementation: one of IMPLEMENTATIONS, or None for the default above.
       **tuning: passed to the Pallas implementation (block_k and num_stages for both;
-        block_t and num_warps for pallas_triton; feed_warpgroup and
-        compute_warpgroups for pallas_mosaic).
+        block_t and num_warps for pallas_triton; feed_warpgroup,
+        compute_warpgroups, ping_pong and programs for pallas_mosaic).
 
     Returns:
       [B, T, Hq, D] in q's dtype.

@@ -1,9 +1,10 @@
 """Flash attention of a prefill chunk over a packed FP4 layer in Pallas (Mosaic GPU
 lowering, Hopper): TMA, wgmma, and a warpgroup that decodes the cache for the others.
 
-Grid (head group, query block, batch). A program takes `block_t` = 64 chunk positions
-for `compute_warpgroups` query heads of one KV group, one head a warpgroup, and one
-more warpgroup that feeds them:
+A work item is `BLOCK_T` = 64 chunk positions of `compute_warpgroups` query heads of
+one KV group. The grid is persistent: one program a multiprocessor takes items in turn,
+the longest (the chunk's last query blocks) first. A program has one warpgroup a query
+head and one more that feeds them:
 
   - the feeding warpgroup copies each block of `block_k` stored positions (packed
     bytes and block scales) into a ring of `num_stages` shared-memory stages by TMA,
@@ -14,12 +15,11 @@ more warpgroup that feeds them:
     registers.
 
 So the cache is decoded once a program, not once a head, and the decode overlaps the
-tensor cores' work instead of preceding it. Decoded tiles are plane-major (columns
-[0, D/2) the even elements, [D/2, D) the odd ones, as a packed byte holds one of each);
-the queries are permuted to match outside the kernel and the output back.
+tensor cores' work instead of preceding it. Decoded tiles are in channel order, so
+the queries and the output are in the layout the caller has.
 
-Scores are in log2 units: the queries come scaled by sm_scale * log2(e) (and K's plane
-factor), so the softmax is exp2. Only the blocks on the causal diagonal, the window's
+Scores are in log2 units: each compute warpgroup scales its queries in shared memory
+by sm_scale * log2(e) (and K's plane factor), so the softmax is exp2. Only the blocks on the causal diagonal, the window's
 edge and the chunk's end are masked; the ones in between take the unmasked loop.
 
 With `feed_warpgroup=False` one warpgroup decodes each block and then attends to it,
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,40 +57,80 @@ _COMPUTE_REGISTERS = 216
 _FEED_REGISTERS = 72
 
 
+class _Item(NamedTuple):
+    """One work item: a query block of one head group of one sequence, and the stored
+    blocks [lo, hi) it attends to, of which [whole_lo, whole_hi) every row sees whole."""
+
+    batch: jax.Array
+    head_group: jax.Array
+    start: jax.Array  # the sequence's first chunk position
+    first: jax.Array  # the block's first query position
+    limit: jax.Array  # positions written: the prefix and the chunk
+    lo: jax.Array
+    hi: jax.Array
+    whole_lo: jax.Array
+    whole_hi: jax.Array
+
+
+def _work_item(start_ref, index, *, head_groups, batch_size, num_blocks, chunk, block_k, window) -> _Item:
+    """Item `index` of the longest-first order: query blocks from the last (which
+    attends to the most positions) to the first, each over every head group and sequence."""
+    per_block = head_groups * batch_size
+    q_block = num_blocks - 1 - lax.div(index, per_block)
+    batch = lax.div(lax.rem(index, per_block), head_groups)
+    head_group = lax.rem(index, head_groups)
+    start = start_ref[batch]
+    first = start + q_block * BLOCK_T
+    limit = start + chunk
+    last = jnp.minimum(first + BLOCK_T, limit)  # one past the block's last real query
+    lo = 0 if window is None else jnp.maximum(first - window + 1, 0) // block_k
+    hi = pl.cdiv(last, block_k)
+    # Blocks every row sees whole: past the window's edge for the last row, before the
+    # diagonal for the first and inside the written positions.
+    whole_lo = lo if window is None else pl.cdiv(jnp.maximum(first + BLOCK_T - window, 0), block_k)
+    whole_lo = jnp.clip(whole_lo, lo, hi)
+    whole_hi = jnp.clip(jnp.minimum(first + 1, limit) // block_k, whole_lo, hi)
+    return _Item(batch, head_group, start, first, limit, jnp.asarray(lo), hi, whole_lo, whole_hi)
+
+
 def _kernel(
-    start_ref, q_ref, sinks_ref, out_scale_ref, k_data_ref, k_scales_ref, v_data_ref, v_scales_ref,
+    start_ref, q_ref, sinks_ref, q_scale_ref, out_scale_ref, k_data_ref, k_scales_ref, v_data_ref, v_scales_ref,
     o_ref,
     q_smem, k_data_smem, k_scales_smem, v_data_smem, v_scales_smem, k_tiles, v_tiles,
     q_barriers, staged, k_ready, v_ready, k_free, v_free, schedule,
-    *, decode, feed_warpgroup, ping_pong, compute_warpgroups, chunk, block_k, window,
+    *, decode, feed_warpgroup, ping_pong, compute_warpgroups, chunk, block_k, window, items, programs,
 ):
-    batch = lax.axis_index("batch")
-    head_group = lax.axis_index("head_group")
-    kv_head = head_group * compute_warpgroups // (q_ref.shape[2] // k_data_ref.shape[1])
     num_stages = k_data_smem.shape[0]
+    group = q_ref.shape[2] // k_data_ref.shape[1]
+    work_item = functools.partial(
+        _work_item, start_ref, head_groups=q_ref.shape[2] // compute_warpgroups, batch_size=q_ref.shape[0],
+        num_blocks=pl.cdiv(chunk, BLOCK_T), chunk=chunk, block_k=block_k, window=window,
+    )
+    # Program p takes items p, 2P - 1 - p, 2P + p, ...: a snake over the longest-first
+    # order, so that each program's total is close to the others'.
+    program = lax.axis_index("program")
+    rounds = pl.cdiv(items, programs)
+    index_in = lambda round_: round_ * programs + jnp.where(lax.rem(round_, 2) == 0, program, programs - 1 - program)
+    my_rounds = rounds - (index_in(rounds - 1) >= items).astype(jnp.int32)
 
-    start = start_ref[batch]
-    first = start + lax.axis_index("q_block") * BLOCK_T  # the block's first query position
-    limit = start + chunk  # positions written: the prefix and the chunk
-    last = jnp.minimum(first + BLOCK_T, limit)  # one past the block's last real query
-    lo_block = 0 if window is None else jnp.maximum(first - window + 1, 0) // block_k
-    hi_block = pl.cdiv(last, block_k)
-    # Blocks every row sees whole: past the window's edge for the last row, before the
-    # diagonal for the first and inside the written positions.
-    whole_lo = lo_block if window is None else pl.cdiv(jnp.maximum(first + BLOCK_T - window, 0), block_k)
-    whole_lo = jnp.clip(whole_lo, lo_block, hi_block)
-    whole_hi = jnp.clip(jnp.minimum(first + 1, limit) // block_k, whole_lo, hi_block)
-
-    def fetch(block, stage):
+    def fetch(item, block, stage):
         mosaic_tiles.copy_kv_block(
             (k_data_ref, k_scales_ref, v_data_ref, v_scales_ref),
             (k_data_smem.at[stage], k_scales_smem.at[stage], v_data_smem.at[stage], v_scales_smem.at[stage]),
-            staged.at[stage], batch, kv_head, block,
+            staged.at[stage], item.batch, item.head_group * compute_warpgroups // group, block,
         )
 
-    def feed(block, slot, wait_free, mark_ready):
-        """Decodes staged block `block` into tile `slot`, then refills its stage."""
-        stage = lax.rem(block - lo_block, num_stages)
+    def fill_stages(item, count):
+        """Starts the copies of the item's first blocks; `count` blocks came before it."""
+        for ahead in range(num_stages):
+            pl.when(item.lo + ahead < item.hi)(
+                functools.partial(fetch, item, item.lo + ahead, lax.rem(count + ahead, num_stages))
+            )
+
+    def feed(item, block, count, slot, wait_free, mark_ready):
+        """Decodes block `block`, the program's `count`-th, into tile `slot`, then
+        starts the copy of the item's block `num_stages` later into its stage."""
+        stage = lax.rem(count, num_stages)
         plgpu.barrier_wait(staged.at[stage])
         wait_free(k_free.at[slot])
         decode(k_data_smem.at[stage], k_scales_smem.at[stage], k_tiles.at[slot])
@@ -99,11 +140,11 @@ def _kernel(
         decode(v_data_smem.at[stage], v_scales_smem.at[stage], v_tiles.at[slot])
         plgpu.commit_smem()  # the values too, and every thread is done with the stage
         mark_ready(v_ready.at[slot])
-        pl.when(block + num_stages < hi_block)(functools.partial(fetch, block + num_stages, stage))
+        pl.when(block + num_stages < item.hi)(functools.partial(fetch, item, block + num_stages, stage))
 
-    def attend(lane, slot_of, wait_ready, mark_free, before_block, p_smem=None, turn=None):
-        """Query head `lane` of this program (one a compute warpgroup) over blocks
-        [lo_block, hi_block); writes its output.
+    def attend(lane, item, count, slot_of, wait_ready, mark_free, before_block, p_smem=None, turn=None):
+        """Query head `lane` of the item's head group (one a compute warpgroup) over
+        its blocks, the first the program's `count`-th; writes its output.
         The weights P go to wgmma from registers, or through `p_smem` when given.
 
         turn: None, or the barrier two compute warpgroups take turns on (ping-pong,
@@ -115,10 +156,14 @@ def _kernel(
                 plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(turn)
 
-        head = head_group * compute_warpgroups + lane
+        head = item.head_group * compute_warpgroups + lane
+        rows = pl.ds(item.first - item.start, BLOCK_T)
         my_q = q_smem.at[lane]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(first - start, BLOCK_T), head], my_q, q_barriers.at[lane])
+        plgpu.copy_gmem_to_smem(q_ref.at[item.batch, rows, head], my_q, q_barriers.at[lane])
         plgpu.barrier_wait(q_barriers.at[lane])
+        queries = plgpu.load(my_q, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+        my_q[...] = (queries * q_scale_ref[0]).astype(jnp.bfloat16)
+        plgpu.commit_smem()  # the scaled queries are visible to wgmma
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         peak = plgpu.layout_cast(jnp.full((BLOCK_T,), tiles.MASKED, jnp.float32), row_layout)
         total = plgpu.layout_cast(jnp.zeros((BLOCK_T,), jnp.float32), row_layout)
@@ -126,8 +171,8 @@ def _kernel(
 
         def block_step(block, carry, masked: bool):
             out, peak, total = carry
-            before_block(block)
-            slot = slot_of(block)
+            before_block(item, block, count + block - item.lo)
+            slot = slot_of(count + block - item.lo)
             wait_ready(k_ready.at[slot])
 
             def scores_of(acc_ref):
@@ -139,11 +184,11 @@ def _kernel(
             mark_free(k_free.at[slot])
             if masked:
                 shape = (BLOCK_T, block_k)
-                rows = first + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+                queries = item.first + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
                 keys = block * block_k + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-                visible = (keys <= rows) & (keys < limit)
+                visible = (keys <= queries) & (keys < item.limit)
                 if window is not None:
-                    visible &= keys > rows - window
+                    visible &= keys > queries - window
                 scores = jnp.where(visible, scores, tiles.MASKED)
             new_peak = jnp.maximum(peak, scores.max(axis=1))
             correction = jnp.exp2(peak - new_peak)
@@ -172,14 +217,10 @@ def _kernel(
             mark_free(v_free.at[slot])
             return out, new_peak, total
 
-        if turn is not None:
-            pl.when(lane == 1)(take_turn)  # the second warpgroup starts a turn later
         carry = (out, peak, total)
-        carry = lax.fori_loop(lo_block, whole_lo, functools.partial(block_step, masked=True), carry)
-        carry = lax.fori_loop(whole_lo, whole_hi, functools.partial(block_step, masked=False), carry)
-        out, peak, total = lax.fori_loop(whole_hi, hi_block, functools.partial(block_step, masked=True), carry)
-        if turn is not None:
-            pl.when(lane == 0)(take_turn)  # and the first one ends a turn later
+        carry = lax.fori_loop(item.lo, item.whole_lo, functools.partial(block_step, masked=True), carry)
+        carry = lax.fori_loop(item.whole_lo, item.whole_hi, functools.partial(block_step, masked=False), carry)
+        out, peak, total = lax.fori_loop(item.whole_hi, item.hi, functools.partial(block_step, masked=True), carry)
 
         # The sink joins the denominator only; the output takes V's plane factor.
         sink = sinks_ref[head]
@@ -190,35 +231,43 @@ def _kernel(
         plgpu.commit_smem()  # every warp's wgmma is done reading the queries
         my_q[...] = (out * lax.broadcast_in_dim(factor, out.shape, [0])).astype(jnp.bfloat16)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(my_q, o_ref.at[batch, pl.ds(first - start, BLOCK_T), head])
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.copy_smem_to_gmem(my_q, o_ref.at[item.batch, rows, head])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the next item's queries may overwrite it
+        return count + item.hi - item.lo
 
-    def fill_stages():
-        for stage in range(num_stages):
-            pl.when(lo_block + stage < hi_block)(functools.partial(fetch, lo_block + stage, stage))
+    def over_items(step):
+        """Runs step(item, count) -> count over the program's items."""
+        lax.fori_loop(0, my_rounds, lambda round_, count: step(work_item(index_in(round_)), count), jnp.int32(0))
 
     no_barrier = lambda barrier: None
-    slot_of = lambda block: lax.rem(block - lo_block, _DECODED_SLOTS)
+    slot_of = lambda count: lax.rem(count, _DECODED_SLOTS)
 
     if not feed_warpgroup:
         # One warpgroup decodes each block into slot 0, then attends to it; P goes
         # through shared memory (interpret mode's wgmma takes no register operand).
-        def before_block(block):
+        def before_block(item, block, count):
             plgpu.commit_smem()  # every warp's wgmma is done with the last block's tiles
-            feed(block, 0, no_barrier, no_barrier)
+            feed(item, block, count, 0, no_barrier, no_barrier)
 
-        fill_stages()
-        pl.run_scoped(
-            functools.partial(attend, 0, lambda block: 0, no_barrier, no_barrier, before_block),
-            mosaic_tiles.swizzled_tile(BLOCK_T, block_k),
-        )
+        def step(p_smem, item, count):
+            fill_stages(item, count)
+            return attend(0, item, count, lambda count: 0, no_barrier, no_barrier, before_block, p_smem=p_smem)
+
+        pl.run_scoped(lambda p_smem: over_items(functools.partial(step, p_smem)), mosaic_tiles.swizzled_tile(BLOCK_T, block_k))
+        plgpu.wait_smem_to_gmem(0)
         return
 
     @pl.when(lax.axis_index("warpgroup") == compute_warpgroups)
     def _feed():
         plgpu.set_max_registers(_FEED_REGISTERS, action="decrease")
-        fill_stages()
-        pl.loop(lo_block, hi_block)(lambda block: feed(block, slot_of(block), plgpu.barrier_wait, plgpu.barrier_arrive))
+
+        def step(item, count):
+            fill_stages(item, count)
+            feed_block = lambda block, count: (
+                feed(item, block, count, slot_of(count), plgpu.barrier_wait, plgpu.barrier_arrive), count + 1)[1]
+            return lax.fori_loop(item.lo, item.hi, feed_block, count)
+
+        over_items(step)
 
     @pl.when(lax.axis_index("warpgroup") < compute_warpgroups)
     def _compute():
@@ -226,8 +275,20 @@ def _kernel(
         for slot in range(_DECODED_SLOTS):  # both tiles start free
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
+        lane = lax.axis_index("warpgroup")
         turn = schedule if ping_pong else None
-        attend(lax.axis_index("warpgroup"), slot_of, plgpu.barrier_wait, plgpu.barrier_arrive, lambda block: None, turn=turn)
+
+        def take_turn():
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+        if turn is not None:
+            pl.when(lane == 1)(take_turn)  # the second warpgroup starts a turn later
+        over_items(lambda item, count: attend(
+            lane, item, count, slot_of, plgpu.barrier_wait, plgpu.barrier_arrive, lambda *_: None, turn=turn))
+        if turn is not None:
+            pl.when(lane == 0)(take_turn)  # and the first one ends a turn later
+        plgpu.wait_smem_to_gmem(0)
 
 
 def check_supported(k: QuantizedTensor, group: int, block_k: int = 128) -> None:
@@ -247,7 +308,7 @@ def default_compute_warpgroups(group: int) -> int:
     jax.jit,
     static_argnames=(
         "sm_scale", "window", "block_k", "num_stages", "feed_warpgroup", "compute_warpgroups", "ping_pong",
-        "interpret",
+        "programs", "interpret",
     ),
 )
 def prefill_attention(
@@ -264,6 +325,7 @@ def prefill_attention(
     feed_warpgroup: bool | None = None,
     compute_warpgroups: int | None = None,
     ping_pong: bool = True,
+    programs: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """q [B, T, Hq, D]; k, v packed FP4 [B, Hkv, S, D] holding the chunk at positions
@@ -275,6 +337,10 @@ def prefill_attention(
     compute_warpgroups: query heads a program (1 or 2; default
       `default_compute_warpgroups`; 1 without a feed warpgroup).
     ping_pong: whether two compute warpgroups take turns on the tensor cores.
+    programs: how many programs share the work items (a query block of one head group
+      of one sequence each), longest first; default one a multiprocessor on the GPU
+      (a persistent grid: each decodes the next item's first blocks while it finishes
+      the last) and one an item in interpret mode.
     """
     codec = get_codec(k.fmt)
     batch, chunk, num_heads, head_dim = q.shape
@@ -294,11 +360,17 @@ def prefill_attention(
     slots = _DECODED_SLOTS if feed_warpgroup else 1
     num_blocks = pl.cdiv(chunk, BLOCK_T)
     padded = num_blocks * BLOCK_T
+    items = batch * num_blocks * num_heads // compute_warpgroups
+    if programs is None:
+        programs = items if interpret else jax.devices()[0].core_count
+    if programs < 1:
+        raise ValueError(f"programs: at least 1, got {programs}.")
+    programs = min(programs, items)
 
-    # Queries plane-major, in log2 units, with K's plane factor; padded to whole blocks.
-    qs = q.astype(jnp.float32) * (sm_scale * _LOG2E * tiles.plane_factor(k))
-    qs = jnp.concatenate([qs[..., 0::2], qs[..., 1::2]], axis=-1)
-    qs = jnp.pad(qs, ((0, 0), (0, padded - chunk), (0, 0), (0, 0))).astype(jnp.bfloat16)
+    # Queries padded to whole blocks; the kernel scales them into log2 units with K's
+    # plane factor.
+    qs = jnp.pad(q.astype(jnp.bfloat16), ((0, 0), (0, padded - chunk), (0, 0), (0, 0)))
+    q_scale = jnp.reshape(sm_scale * _LOG2E * tiles.plane_factor(k), (1,)).astype(jnp.float32)
     sink_logits = jnp.full((num_heads,), tiles.MASKED, jnp.float32)
     if sinks is not None:
         sink_logits = sinks.astype(jnp.float32) * _LOG2E
@@ -313,8 +385,8 @@ def prefill_attention(
     )
     kernel = functools.partial(
         _kernel, decode=decode, feed_warpgroup=feed_warpgroup, ping_pong=bool(ping_pong) and compute_warpgroups == 2,
-        compute_warpgroups=compute_warpgroups, chunk=chunk,
-        block_k=block_k, window=window,
+        compute_warpgroups=compute_warpgroups, chunk=chunk, block_k=block_k, window=window, items=items,
+        programs=programs,
     )
     stages = lambda shape: plgpu.SMEM((num_stages, *shape), jnp.uint8)
     out = plgpu.kernel(
@@ -336,15 +408,14 @@ def prefill_attention(
             plgpu.Barrier(num_arrivals=compute_warpgroups, num_barriers=slots),
             plgpu.Barrier(num_arrivals=compute_warpgroups),  # the ping-pong's turns
         ),
-        grid=(num_heads // compute_warpgroups, num_blocks, batch),
-        grid_names=("head_group", "q_block", "batch"),
+        grid=(programs,),
+        grid_names=("program",),
         num_threads=compute_warpgroups + 1 if feed_warpgroup else None,
         thread_name="warpgroup" if feed_warpgroup else None,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )(
-        start.astype(jnp.int32), qs, sink_logits, out_scale,
+        start.astype(jnp.int32), qs, sink_logits, q_scale, out_scale,
         k.data, mosaic_tiles.scale_rows(k.scales), v.data, mosaic_tiles.scale_rows(v.scales),
     )
-    out = out[:, :chunk].reshape(batch, chunk, num_heads, 2, head_dim // 2)
-    return jnp.swapaxes(out, -1, -2).reshape(batch, chunk, num_heads, head_dim).astype(q.dtype)
+    return out[:, :chunk].astype(q.dtype)

@@ -71,23 +71,27 @@ def test_pallas_kernel_matches_reference(fmt, heads, kv_heads, head_dim, prefix,
 
 
 MOSAIC_CASES = [
-    # fmt, heads, kv_heads, head_dim, prefix lengths, chunk, capacity, window, sinks, block_k
-    ("fp4_e2m1", 8, 2, 64, [0, 13], 20, 128, None, False, 64),  # empty prefix, ragged
-    ("nvfp4", 16, 1, 128, [37], 9, 128, 24, True, 64),  # MQA, group 16, window, sinks
-    ("mxfp4", 6, 2, 128, [100, 0], 150, 256, None, True, 128),  # group 3, three query blocks
-    ("nvfp4_4over6", 4, 2, 64, [70, 5], 1, 128, 32, False, 64),  # a one-token chunk
+    # fmt, heads, kv_heads, head_dim, prefix lengths, chunk, capacity, window, sinks, block_k, programs
+    ("fp4_e2m1", 8, 2, 64, [0, 13], 20, 128, None, False, 64, 3),  # empty prefix, ragged; 16 items over 3 programs
+    ("nvfp4", 16, 1, 128, [37], 9, 128, 24, True, 64, None),  # MQA, group 16, window, sinks
+    ("mxfp4", 6, 2, 128, [100, 0], 150, 256, None, True, 128, 5),  # group 3, three query blocks; 36 items over 5
+    ("nvfp4_4over6", 4, 2, 64, [70, 5], 1, 128, 32, False, 64, None),  # a one-token chunk
 ]
 
 
-@pytest.mark.parametrize("fmt, heads, kv_heads, head_dim, prefix, chunk, capacity, window, sinks, block_k", MOSAIC_CASES)
+@pytest.mark.parametrize(
+    "fmt, heads, kv_heads, head_dim, prefix, chunk, capacity, window, sinks, block_k, programs", MOSAIC_CASES
+)
 def test_mosaic_kernel_matches_reference(fmt, heads, kv_heads, head_dim, prefix, chunk, capacity, window, sinks,
-                                         block_k):
+                                         block_k, programs):
     layer, start, q, _, _ = _chunk_after_prefix(
         chunk + heads, fmt, heads, kv_heads, head_dim, prefix, chunk, window, capacity=capacity
     )
     sink_logits = jnp.linspace(-2.0, 3.0, heads) if sinks else None
     ref = prefill_attention(q, layer, start, sinks=sink_logits, implementation="reference")
-    out = prefill_attention(q, layer, start, sinks=sink_logits, implementation="pallas_mosaic", block_k=block_k)
+    out = prefill_attention(
+        q, layer, start, sinks=sink_logits, implementation="pallas_mosaic", block_k=block_k, programs=programs
+    )
     assert out.shape == q.shape and out.dtype == q.dtype
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
     assert relative_error(out, ref) < 1e-2
@@ -217,11 +221,12 @@ def test_compiled_mosaic_kernel_matches_reference_on_gpu(fmt):
 @pytest.mark.gpu
 def test_compiled_mosaic_kernel_tunings_match_reference_on_gpu():
     """head_dim 64, each tuning away from the default: the one-warpgroup schedule,
-    one compute warpgroup, no ping-pong, 64-position blocks."""
+    one compute warpgroup, no ping-pong, 64-position blocks, 7 programs for 72 items."""
     layer, start, q, _, _ = _chunk_after_prefix(12, "nvfp4", 16, 2, 64, [0, 517], 260, window=300, capacity=896)
     sinks = jnp.linspace(-1.0, 1.0, 16)
     ref = prefill_attention(q, layer, start, sinks=sinks, implementation="reference")
-    for tuning in (dict(feed_warpgroup=False), dict(compute_warpgroups=1), dict(ping_pong=False), dict(block_k=64)):
+    for tuning in (dict(feed_warpgroup=False), dict(compute_warpgroups=1), dict(ping_pong=False), dict(block_k=64),
+                   dict(programs=7)):
         out = prefill_attention(q, layer, start, sinks=sinks, implementation="pallas_mosaic", **tuning)
         assert relative_error(out, ref) < 1e-2, tuning
 

@@ -76,5 +76,5 @@ def test_mosaic_tile_decode_matches_portable_decode(fmt, width):
         compiler_params=pallas_mosaic.COMPILER_PARAMS,
     )(data, scale_rows)
     even, odd = jax.jit(lambda d, s: codec.decode_planes(d, s, ptx=False))(data, scales)
-    expected = jnp.concatenate([even, odd], axis=1).astype(jnp.bfloat16)
+    expected = jnp.stack([even, odd], axis=-1).reshape(rows, 2 * width).astype(jnp.bfloat16)  # channel order
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
