@@ -1,9 +1,7 @@
 """Quantize-and-write in Pallas (Triton lowering): new K or V to packed cache rows in one pass.
 
-Grid (batch, kv_head, token group). Each program takes `blocks_per_program` blocks of
-`block_t` new tokens of one (sequence, KV head) in turn, loading the next block's
-values before it encodes this one's so that memory latency hides under the encoder.
-It loads a block as the codec's planes (for packed FP4 the even and odd columns,
+Grid (batch, kv_head, token block). Each program loads `block_t` new tokens of one
+(sequence, KV head) as the codec's planes (for packed FP4 the even and odd columns,
 two tiles [block_t, D / 2], so that a byte's two codes sit in the same thread),
 encodes them with the codec's `encode_planes` (the bytes of `encode`, with PTX
 divisions and conversions when compiled), and stores its data and scale rows at their
@@ -30,8 +28,8 @@ from fp4kv_jax.formats import QuantizedTensor, get_codec
 from fp4kv_jax.kernels.quantize_into_cache.reference import token_slots
 
 
-def _kernel(*refs, codec, has_global_scale: bool, block_t: int, blocks_per_program: int,
-            value_dtype: jnp.dtype, width: int, capacity: int, ring: bool, ptx: bool):
+def _kernel(*refs, codec, has_global_scale: bool, block_t: int, value_dtype: jnp.dtype,
+            width: int, capacity: int, ring: bool, ptx: bool):
     """refs: this sequence's start and num_tokens, the global scale if the format has
     one, this (sequence, KV head)'s new values [T, D] (or [T, D / 2] words, see
     `_value_words`), its cache buffers as inputs, then as outputs [capacity, ...]. The
@@ -41,26 +39,17 @@ def _kernel(*refs, codec, has_global_scale: bool, block_t: int, blocks_per_progr
     new_ref, *buffer_refs = refs
     out_refs = buffer_refs[len(buffer_refs) // 2 :]
 
-    first = pl.program_id(2) * blocks_per_program * block_t
-    load = lambda block: _load_planes(
-        new_ref, first + block * block_t + jnp.arange(block_t), width, codec.elements_per_datum, value_dtype
-    )
-
-    def encode_and_store(block, planes):
-        next_planes = load(block + 1)  # past the chunk on the last block: masked, all zero
-        t = first + block * block_t + jnp.arange(block_t)
-        encoded = codec.encode_planes(planes, global_scale, ptx=ptx)
-        slots = token_slots(start_ref[...], count_ref[...], t, capacity, ring)
-        for out_ref, values in zip(out_refs, encoded):
-            columns = jnp.arange(values.shape[1])
-            plgpu.store(
-                out_ref.at[slots[:, None], columns[None, :]],
-                values,
-                mask=(slots < capacity)[:, None] & (columns < out_ref.shape[1])[None, :],
-            )
-        return next_planes
-
-    jax.lax.fori_loop(0, blocks_per_program, encode_and_store, load(0))
+    t = pl.program_id(2) * block_t + jnp.arange(block_t)
+    planes = _load_planes(new_ref, t, width, codec.elements_per_datum, value_dtype)
+    encoded = codec.encode_planes(planes, global_scale, ptx=ptx)
+    slots = token_slots(start_ref[...], count_ref[...], t, capacity, ring)
+    for out_ref, values in zip(out_refs, encoded):
+        columns = jnp.arange(values.shape[1])
+        plgpu.store(
+            out_ref.at[slots[:, None], columns[None, :]],
+            values,
+            mask=(slots < capacity)[:, None] & (columns < out_ref.shape[1])[None, :],
+        )
 
 
 def _load_planes(new_ref, t, width: int, num_planes: int, value_dtype: jnp.dtype):
@@ -107,7 +96,7 @@ def _value_words(new: jax.Array, num_planes: int) -> jax.Array:
     return jax.lax.bitcast_convert_type(pairs, jnp.uint32)
 
 
-@functools.partial(jax.jit, static_argnames=("ring", "block_t", "blocks_per_program", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("ring", "block_t", "num_warps", "interpret"))
 def quantize_into_cache(
     new: jax.Array,
     stored: QuantizedTensor,
@@ -116,7 +105,6 @@ def quantize_into_cache(
     *,
     ring: bool,
     block_t: int = 16,
-    blocks_per_program: int = 1,
     num_warps: int = 4,
     interpret: bool = False,
 ) -> QuantizedTensor:
@@ -126,8 +114,6 @@ def quantize_into_cache(
       block_t: tokens per program (rounded down to the chunk's next power of two). The
         default is the fastest on an H200 over the formats (docs/benchmarks.md): the
         encoders' registers limit occupancy, more so in larger tiles.
-      blocks_per_program: token blocks a program takes in turn, each loaded while the
-        one before it is encoded (cut to the chunk's blocks).
       num_warps: Triton warps per program.
       interpret: run in Pallas interpret mode (CPU); divisions then use XLA's.
     """
@@ -135,9 +121,6 @@ def quantize_into_cache(
     batch, chunk, kv_heads, head_dim = new.shape
     capacity = stored.data.shape[2]
     block_t = min(block_t, pl.next_power_of_2(chunk))
-    if blocks_per_program < 1:
-        raise ValueError(f"blocks_per_program: at least 1, got {blocks_per_program}.")
-    blocks_per_program = min(blocks_per_program, pl.cdiv(chunk, block_t))
     has_global_scale = codec.has_global_scale
     buffers = [stored.data] if stored.scales is None else [stored.data, stored.scales]
 
@@ -157,7 +140,6 @@ def quantize_into_cache(
         codec=codec,
         has_global_scale=has_global_scale,
         block_t=block_t,
-        blocks_per_program=blocks_per_program,
         value_dtype=new.dtype,
         width=pl.next_power_of_2(head_dim // codec.elements_per_datum),
         capacity=capacity,
@@ -168,7 +150,7 @@ def quantize_into_cache(
     first_buffer = len(scalars) + 1
     written = pl.pallas_call(
         kernel,
-        grid=(batch, kv_heads, pl.cdiv(chunk, block_t * blocks_per_program)),
+        grid=(batch, kv_heads, pl.cdiv(chunk, block_t)),
         in_specs=[
             *scalar_specs,
             pl.BlockSpec((None, chunk, None, new_columns.shape[-1]), lambda b, h, j: (b, 0, h, 0)),

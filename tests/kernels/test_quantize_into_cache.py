@@ -18,7 +18,7 @@ KV_HEADS, HEAD_DIM = 2, 64
 # Jitted, so each shape compiles once: eager op-by-op dispatch would dominate these
 # small tests.
 _quantize = jax.jit(quantize, static_argnames="fmt")
-_write = jax.jit(quantize_into_cache, static_argnames=("ring", "implementation", "block_t", "blocks_per_program"))
+_write = jax.jit(quantize_into_cache, static_argnames=("ring", "implementation", "block_t"))
 
 
 def _new_values(seed, batch, tokens, head_dim=HEAD_DIM):
@@ -91,8 +91,7 @@ def _written_one_by_one(stored, new, start, num_tokens, ring):
 CHUNKS = [
     # tokens, start, num_tokens
     (1, [0, 7, 39], [1, 1, 1]),  # a decode step: first, middle and last slot
-    # Three blocks of 8 tokens, the last one ragged, two a program (so the second
-    # program's second block lies past the chunk): a ragged prefill from slot 0, one
+    # Three blocks of 8 tokens, the last one ragged: a ragged prefill from slot 0, one
     # that runs past the capacity (the rest is dropped) and one that writes nothing.
     (21, [0, 30, 19], [13, 21, 0]),
 ]
@@ -118,7 +117,7 @@ def test_both_implementations_store_quantize_bytes_at_the_slots_and_nothing_else
     args = (new, stored, jnp.array(start))
     kwargs = dict(num_tokens=jnp.array(num_tokens), ring=ring)
     reference = _write(*args, **kwargs, implementation="reference")
-    kernel = _write(*args, **kwargs, implementation="pallas_triton", block_t=8, blocks_per_program=2)
+    kernel = _write(*args, **kwargs, implementation="pallas_triton", block_t=8)
     for written in (reference, kernel) if _xla_encodes_exactly(fmt) else (kernel,):
         np.testing.assert_array_equal(written.global_scale, stored.global_scale)
         for got, want in zip(_bytes(written), expected, strict=True):
