@@ -19,8 +19,9 @@ tensor cores' work instead of preceding it. Decoded tiles are in channel order, 
 the queries and the output are in the layout the caller has.
 
 Scores are in log2 units: each compute warpgroup scales its queries in shared memory
-by sm_scale * log2(e) (and K's plane factor), so the softmax is exp2. Only the blocks on the causal diagonal, the window's
-edge and the chunk's end are masked; the ones in between take the unmasked loop.
+by sm_scale * log2(e) (and K's plane factor), so the softmax is exp2. Only the blocks
+on the causal diagonal, the window's edge and the chunk's end are masked; the ones in
+between take the unmasked loop.
 
 With `feed_warpgroup=False` one warpgroup decodes each block and then attends to it,
 P passing through shared memory: the schedule Mosaic GPU interpret mode runs (its
@@ -142,6 +143,12 @@ def _kernel(
         mark_ready(v_ready.at[slot])
         pl.when(block + num_stages < item.hi)(functools.partial(fetch, item, block + num_stages, stage))
 
+    def take_turn(turn):
+        """Passes the ping-pong barrier `turn`; nothing when it is None."""
+        if turn is not None:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
     def attend(lane, item, count, slot_of, wait_ready, mark_free, before_block, p_smem=None, turn=None):
         """Query head `lane` of the item's head group (one a compute warpgroup) over
         its blocks, the first the program's `count`-th; writes its output.
@@ -151,11 +158,6 @@ def _kernel(
         as in FlashAttention-3): each passes it once its scores are issued and once its
         softmax is done, so one warpgroup's softmax runs under the other's wgmma.
         """
-        def take_turn():
-            if turn is not None:
-                plgpu.barrier_arrive(turn)
-                plgpu.barrier_wait(turn)
-
         head = item.head_group * compute_warpgroups + lane
         rows = pl.ds(item.first - item.start, BLOCK_T)
         my_q = q_smem.at[lane]
@@ -177,7 +179,7 @@ def _kernel(
 
             def scores_of(acc_ref):
                 plgpu.wgmma(acc_ref, my_q, k_tiles.at[slot].transpose((1, 0)))
-                take_turn()
+                take_turn(turn)
                 return acc_ref[...]
 
             scores = pl.run_scoped(scores_of, plgpu.ACC((BLOCK_T, block_k), jnp.float32))
@@ -263,8 +265,11 @@ def _kernel(
 
         def step(item, count):
             fill_stages(item, count)
-            feed_block = lambda block, count: (
-                feed(item, block, count, slot_of(count), plgpu.barrier_wait, plgpu.barrier_arrive), count + 1)[1]
+
+            def feed_block(block, count):
+                feed(item, block, count, slot_of(count), plgpu.barrier_wait, plgpu.barrier_arrive)
+                return count + 1
+
             return lax.fori_loop(item.lo, item.hi, feed_block, count)
 
         over_items(step)
@@ -277,17 +282,12 @@ def _kernel(
             plgpu.barrier_arrive(v_free.at[slot])
         lane = lax.axis_index("warpgroup")
         turn = schedule if ping_pong else None
-
-        def take_turn():
-            plgpu.barrier_arrive(turn)
-            plgpu.barrier_wait(turn)
-
         if turn is not None:
-            pl.when(lane == 1)(take_turn)  # the second warpgroup starts a turn later
+            pl.when(lane == 1)(lambda: take_turn(turn))  # the second warpgroup starts a turn later
         over_items(lambda item, count: attend(
             lane, item, count, slot_of, plgpu.barrier_wait, plgpu.barrier_arrive, lambda *_: None, turn=turn))
         if turn is not None:
-            pl.when(lane == 0)(take_turn)  # and the first one ends a turn later
+            pl.when(lane == 0)(lambda: take_turn(turn))  # and the first one ends a turn later
         plgpu.wait_smem_to_gmem(0)
 
 
