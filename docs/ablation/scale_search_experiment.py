@@ -26,7 +26,7 @@ from fp4kv_jax import cli
 from fp4kv_jax.formats import e2m1, nvfp4
 
 
-def _candidate(codec, blocks, bad, global_scale, scale_bits, by):
+def _candidate(blocks, bad, global_scale, scale_bits, by):
     """Codes and errors ("squared" or "max") of the blocks under e4m3 block scales
     `scale_bits` (uint8)."""
     block_scale = jax.lax.bitcast_convert_type(scale_bits, jnp.float8_e4m3fn)
@@ -49,12 +49,12 @@ def searched_encode_planes(codec, planes, global_scale, *, ptx, steps, below=0, 
         e2m1.round_to_float8(jnp.where(bad, jnp.nan, wanted), jnp.float8_e4m3fn), jnp.uint8
     )
     largest = jax.lax.bitcast_convert_type(jnp.float8_e4m3fn(nvfp4.E4M3_MAX), jnp.uint8)
-    best_codes, best_scale, best_error = _candidate(codec, blocks, bad, global_scale, first, by)
+    best_codes, best_scale, best_error = _candidate(blocks, bad, global_scale, first, by)
     for step in [*range(1, steps + 1), *range(-1, -below - 1, -1)]:
         # Positive e4m3 values increase with their bits: one more is the next value up.
         moved = jnp.clip(first.astype(jnp.int32) + step, 1, largest.astype(jnp.int32)).astype(jnp.uint8)
         bits = jnp.where(bad | (first == 0), first, moved)
-        codes, scale, error = _candidate(codec, blocks, bad, global_scale, bits, by)
+        codes, scale, error = _candidate(blocks, bad, global_scale, bits, by)
         better = error < best_error
         best_codes = jnp.where(better[..., None], codes, best_codes)
         best_scale = jnp.where(better, scale, best_scale)

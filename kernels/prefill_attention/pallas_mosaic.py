@@ -173,8 +173,9 @@ def _kernel(
 
         def block_step(block, carry, masked: bool):
             out, peak, total = carry
-            before_block(item, block, count + block - item.lo)
-            slot = slot_of(count + block - item.lo)
+            block_count = count + block - item.lo  # blocks this program took before this one
+            before_block(item, block, block_count)
+            slot = slot_of(block_count)
             wait_ready(k_ready.at[slot])
 
             def scores_of(acc_ref):
