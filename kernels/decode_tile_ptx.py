@@ -2,7 +2,8 @@
 inline PTX run from every thread of a warpgroup (Mosaic GPU kernels only).
 
 Each thread takes 16-byte chunks of packed bytes (32 codes of one row): one vector
-load, the codec's block scales turned into bf16 pairs, the E2M1 bit decode of
+load, the codec's block scales (two 16-code blocks' in one 16-bit load) turned into
+bf16 pairs, the E2M1 bit decode of
 `e2m1.PTX_WORD_PAIRS` (one multiply a pair of values), and four 16-byte stores into
 the 128-byte-swizzled tile in channel order: byte c's low code goes to column 2c, its
 high code to column 2c + 1.
@@ -46,25 +47,39 @@ def decode_tile(codec, data_ref, scales_ref, out_ref):
         data_base, scales_base, out_base = address(data), address(scales), address(out)
         thread = arith.remui(mgpu_utils.thread_idx(), const(_WARPGROUP))
         first_row, column = _first_chunk(thread, chunks_per_row, const)
-        for step in range(rows * chunks_per_row // _WARPGROUP):
-            row = arith.addi(first_row, const(step * _WARPGROUP // chunks_per_row))
-            words = mgpu_utils.inline_ptx(
-                "ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];",
-                arith.addi(data_base, arith.addi(arith.muli(row, const(width)), column)),
-                result_types=[i32] * 4,
-                has_side_effects=True,  # keep it after the barrier that makes the bytes ready
-            )
+        load = lambda instruction, offset, results: mgpu_utils.inline_ptx(
+            instruction, offset, result_types=results,
+            has_side_effects=True,  # keep it after the barrier that makes the bytes ready
+        )
+        steps = range(rows * chunks_per_row // _WARPGROUP)
+        rows_of = [arith.addi(first_row, const(step * _WARPGROUP // chunks_per_row)) for step in steps]
+        # Every load of the tile first, then the decodes and stores: a thread's loads
+        # are then in flight together, where a store between them would order them.
+        loaded = []
+        for row in rows_of:
+            words = load("ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];",
+                         arith.addi(data_base, arith.addi(arith.muli(row, const(width)), column)), [i32] * 4)
+            first_block = arith.divui(arith.muli(column, const(2)), const(codec.block_size))
+            scale_base = arith.addi(scales_base, arith.addi(arith.muli(row, const(scales_per_row)), first_block))
+            if words_per_scale == 2:  # the chunk's two block scales, one 16-bit load
+                scale_bytes = [load("ld.shared.u16 $0, [$1];", scale_base, i32)]
+            else:  # a block scale for each `words_per_scale` words
+                scale_bytes = [
+                    load("ld.shared.u8 $0, [$1];", arith.addi(scale_base, const(j // words_per_scale)), i32)
+                    for j in range(0, 4, words_per_scale)
+                ]
+            loaded.append((words, scale_bytes))
+        for row, (words, scale_bytes) in zip(rows_of, loaded):
+            if words_per_scale == 2:
+                pair = mgpu_utils.inline_ptx(
+                    codec.plane_scale_pair_ptx, scale_bytes[0], arith.shrui(scale_bytes[0], const(8)), result_types=i32
+                )
+                scales = [mgpu_utils.inline_ptx(f"prmt.b32 $0, $1, $1, {selector};", pair, result_types=i32)
+                          for selector in ("0x1010", "0x3232")]
+            else:
+                scales = [mgpu_utils.inline_ptx(codec.plane_scale_ptx, b, result_types=i32) for b in scale_bytes]
             for j, word in enumerate(words):
-                if j % words_per_scale == 0:  # a block scale serves 8 or 16 columns of the chunk
-                    block = arith.divui(arith.muli(arith.addi(column, const(4 * j)), const(2)), const(codec.block_size))
-                    scale_byte = mgpu_utils.inline_ptx(
-                        "ld.shared.u8 $0, [$1];",
-                        arith.addi(scales_base, arith.addi(arith.muli(row, const(scales_per_row)), block)),
-                        result_types=i32,
-                        has_side_effects=True,
-                    )
-                    scale = mgpu_utils.inline_ptx(codec.plane_scale_ptx, scale_byte, result_types=i32)
-                pairs = mgpu_utils.inline_ptx(e2m1.PTX_WORD_PAIRS, word, scale, result_types=[i32] * 4)
+                pairs = mgpu_utils.inline_ptx(e2m1.PTX_WORD_PAIRS, word, scales[j // words_per_scale], result_types=[i32] * 4)
                 col = arith.addi(arith.muli(column, const(2)), const(8 * j))  # the word's 8 channels: one 16-byte store
                 mgpu_utils.inline_ptx(
                     "st.shared.v4.b32 [$0], {$1, $2, $3, $4};",
