@@ -468,7 +468,7 @@ def round_to_float8(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
 def saturated_float8_bytes(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """float32 w -> uint8 float8 bytes by PTX cvt.rn.satfinite (sm_89 and later), inside
     a Pallas kernel (Triton lowering): nearest-even, finite values past the range and
-    infinities to the largest finite value, NaN to a NaN."""
+    infinities to the largest finite value, NaN of either sign to FLOAT8_NAN_BYTE."""
     from jax.experimental.pallas import triton as plgpu
 
     ptx_types = {jnp.dtype(jnp.float8_e4m3fn): "e4m3", jnp.dtype(jnp.float8_e5m2): "e5m2"}

@@ -248,14 +248,14 @@ def test_compiled_kernel_matches_reference_on_gpu_without_copying_the_cache(fmt)
 def _awkward_values(seed, batch, tokens, head_dim):
     """float32 [B, T, Hkv, D] of the values encoders get wrong first: E2M1 midpoints and
     fp8 midpoints (exact ties) times powers of two, zeros of both signs, values past
-    fp8's range, and NaN and infinities in a few blocks."""
+    fp8's range, and NaN (of both signs) and infinities in a few blocks."""
     rng = np.random.default_rng(seed)
     e2m1_ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]
     fp8_ties = [1 + (2 * j + 1) / 16 for j in range(8)] + [1 + (2 * j + 1) / 8 for j in range(4)]
     pool = np.array(e2m1_ties + fp8_ties + [0.0, 1000.0, 1e5, 1e-3], np.float32)
     x = rng.choice(pool, (batch, tokens, KV_HEADS, head_dim))
     x *= rng.choice([-1.0, 1.0], x.shape) * 2.0 ** rng.integers(-3, 4, x.shape)
-    x[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    x[0, 0, 0, :4] = [np.nan, np.inf, -np.inf, -np.nan]  # NaN of both signs
     x[-1, -1, -1, 17] = -np.inf
     x[0, -1, 0, 40:48] = -0.0
     return jnp.asarray(x, jnp.float32)
