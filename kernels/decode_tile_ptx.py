@@ -55,11 +55,11 @@ def decode_tile(codec, data_ref, scales_ref, out_ref):
         rows_of = [arith.addi(first_row, const(step * _WARPGROUP // chunks_per_row)) for step in steps]
         # Every load of the tile first, then the decodes and stores: a thread's loads
         # are then in flight together, where a store between them would order them.
-        first_block = arith.divui(arith.muli(column, const(2)), const(codec.block_size))  # of the chunk, in its row
         loaded = []
         for row in rows_of:
             words = load("ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];",
                          arith.addi(data_base, arith.addi(arith.muli(row, const(width)), column)), [i32] * 4)
+            first_block = arith.divui(arith.muli(column, const(2)), const(codec.block_size))
             scale_base = arith.addi(scales_base, arith.addi(arith.muli(row, const(scales_per_row)), first_block))
             if words_per_scale == 2:  # the chunk's two block scales, one 16-bit load
                 scale_bytes = [load("ld.shared.u16 $0, [$1];", scale_base, i32)]
