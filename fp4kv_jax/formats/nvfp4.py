@@ -67,9 +67,21 @@ class Nvfp4Codec(Codec):
         to `target` (6 for nvfp4; at most 6)."""
         blocks = e2m1.plane_blocks(planes, self.block_size)
         absmax, bad = e2m1.block_absmax(blocks)
+        block_scale = self.block_scale_for(absmax, bad, global_scale, target, ptx=ptx)
+        return self.encode_with_scales(blocks, bad, block_scale, global_scale, ptx=ptx)
+
+    @staticmethod
+    def block_scale_for(absmax, bad, global_scale, target, *, ptx) -> jax.Array:
+        """float8_e4m3fn [..., n]: absmax / target / global_scale rounded to e4m3,
+        saturating at 448; NaN for the non-finite blocks `bad` (bool [..., n])."""
         per_target = e2m1.divide(absmax, target, ptx=ptx)
         wanted = jnp.minimum(e2m1.divide(per_target, global_scale, ptx=ptx), E4M3_MAX)
-        block_scale = e2m1.round_to_float8(jnp.where(bad, jnp.nan, wanted), jnp.float8_e4m3fn)
+        return e2m1.round_to_float8(jnp.where(bad, jnp.nan, wanted), jnp.float8_e4m3fn)
+
+    @staticmethod
+    def encode_with_scales(blocks, bad, block_scale, global_scale, *, ptx) -> EncodedBlocks:
+        """Each plane's blocks (float32 [..., n, b]) rounded to E2M1 under the e4m3 block
+        scales `block_scale` [..., n]; the non-finite blocks `bad` get zero codes."""
         denominator = block_scale.astype(jnp.float32) * global_scale
         positive = (denominator > 0)[..., None]
         safe = jnp.where(positive, denominator[..., None], 1.0)

@@ -113,8 +113,9 @@ class Operands(abc.ABC):
 
 
 class PackedFp4Operands(Operands):
-    """Packed E2M1 with block scales (fp4_e2m1, nvfp4, mxfp4): the codes are decoded
-    with their block scales into bf16 pairs, 2**-plane_exponent times the stored value.
+    """Packed E2M1 with block scales of 16 or more values (fp4_e2m1, the nvfp4 family,
+    mxfp4): the codes are decoded with their block scales into bf16 pairs,
+    2**-plane_exponent times the stored value.
 
     Keys: the lane's word j decodes into the channel pairs (n, n + 4) of its 8 channels
     (`e2m1.PTX_WORD_HALF_PAIRS`), and k-step s = 2j + p takes pairs 2p and 2p + 1.
@@ -255,7 +256,8 @@ class Float16Operands(Operands):
 def operands_for(codec: Codec) -> type[Operands] | None:
     """The layout class that reads `codec`'s layers, or None if the kernel has none."""
     itemsize = jnp.dtype(codec.data_dtype).itemsize
-    if codec.elements_per_datum == 2 and codec.plane_scale_pair_ptx is not None:
+    # A lane's value columns (16 channels at head_dim 128) must share one block scale.
+    if codec.elements_per_datum == 2 and codec.plane_scale_pair_ptx is not None and codec.block_size >= 16:
         return PackedFp4Operands
     if itemsize == 1 and codec.word_f16_pairs_ptx is not None:
         return Float8Operands

@@ -41,12 +41,15 @@ from format_testing import (
     wide_float32,
 )
 
-ALL_FORMATS = ("fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4", "nvfp4_4over6", "float32", "bf16", "fp16")
+ALL_FORMATS = (
+    "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4", "nvfp4_4over6", "nvfp4_search", "nvfp4_search_b8",
+    "float32", "bf16", "fp16",
+)
 FP4 = R.FP4_FORMATS
 GRID = R.E2M1_MAGNITUDES  # 0, 0.5, 1, 1.5, 2, 3, 4, 6
 
 
-def test_format_names_are_the_documented_eight():
+def test_format_names_are_the_documented_eleven():
     assert sorted(fp4kv_jax.format_names()) == sorted(ALL_FORMATS)
 
 
@@ -356,6 +359,8 @@ EXPECTED_LAYOUT = {
     "mxfp4": (np.uint8, 64, np.uint8, 4, False),
     "nvfp4": (np.uint8, 64, ml_dtypes.float8_e4m3fn, 8, True),
     "nvfp4_4over6": (np.uint8, 64, ml_dtypes.float8_e4m3fn, 8, True),
+    "nvfp4_search": (np.uint8, 64, ml_dtypes.float8_e4m3fn, 8, True),
+    "nvfp4_search_b8": (np.uint8, 64, ml_dtypes.float8_e4m3fn, 16, True),
     "fp8_e4m3": (ml_dtypes.float8_e4m3fn, 128, None, None, True),
     "fp8_e5m2": (ml_dtypes.float8_e5m2, 128, None, None, True),
     "float32": (np.float32, 128, None, None, False),

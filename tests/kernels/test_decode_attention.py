@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fp4kv_jax import cache as C
-from fp4kv_jax.kernels.decode_attention import decode_attention
+from fp4kv_jax.kernels.decode_attention import decode_attention, pallas_mosaic_warp
 
 from attention_inputs import one_layer_config, realistic_keys, relative_error
 
@@ -32,6 +32,7 @@ CASES = [
     ("fp4_e2m1", 16, 1, 128, [50, 3], 50, 16, True),  # group 16, window, sinks
     ("nvfp4", 4, 2, 128, [33, 64], 64, None, True),
     ("mxfp4", 6, 3, 64, [70, 17], 72, 20, False),  # group 2
+    ("nvfp4_search_b8", 4, 2, 128, [29, 48], 48, None, True),  # blocks of 8
     ("fp8_e4m3", 8, 2, 64, [40, 9], 45, None, False),
     ("fp8_e5m2", 4, 4, 64, [12, 30], 30, 8, True),  # group 1
     ("bf16", 12, 3, 128, [1, 55], 55, None, False),
@@ -60,6 +61,7 @@ MOSAIC_CASES = [
     ("fp4_e2m1", 8, 1, 64, [1, 100, 64], 128, None, False),  # MQA, length 1, ragged
     ("nvfp4", 32, 2, 128, [70, 3], 128, 20, True),  # group 16, window, sinks
     ("mxfp4", 6, 6, 128, [128, 65], 128, None, True),  # group 1
+    ("nvfp4_search_b8", 4, 2, 64, [90, 7], 128, None, False),  # blocks of 8
 ]
 
 
@@ -77,7 +79,7 @@ def test_mosaic_kernel_matches_reference(fmt, heads, kv_heads, head_dim, lengths
 
 def test_mosaic_kernel_refuses_what_it_does_not_handle():
     cache, q = _filled_cache(2, "fp8_e4m3", 4, 2, 64, [3], 64)
-    with pytest.raises(ValueError, match="'pallas_mosaic' handles fp4_e2m1, nvfp4, nvfp4_4over6, mxfp4, not 'fp8_e4m3'; use 'pallas_triton'"):
+    with pytest.raises(ValueError, match="'pallas_mosaic' handles nvfp4_search_b8, fp4_e2m1, nvfp4, nvfp4_4over6, nvfp4_search, mxfp4, not 'fp8_e4m3'; use 'pallas_triton'"):
         decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
     cache, q = _filled_cache(2, "nvfp4", 4, 2, 64, [3], 48)
     with pytest.raises(ValueError, match="capacity that is a multiple of 64, got 48"):
@@ -190,6 +192,14 @@ def test_warp_kernel_matches_reference_on_gpu(fmt, heads, kv_heads, head_dim, le
         assert out.shape == q.shape and out.dtype == q.dtype
         assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
         assert relative_error(out, ref) < 1e-2, tuning
+
+
+def test_warp_kernel_leaves_blocks_of_8_to_the_other_kernels():
+    # A warp lane's 16 value columns need one block scale; decode_attention's GPU default
+    # then falls back to pallas_triton.
+    cache, _ = _filled_cache(3, "nvfp4_search_b8", 4, 2, 128, [5], 64)
+    with pytest.raises(ValueError, match="'pallas_mosaic_warp' handles .*, not 'nvfp4_search_b8'"):
+        pallas_mosaic_warp.check_supported(cache.layers[0].k, group=2)
 
 
 @pytest.mark.gpu

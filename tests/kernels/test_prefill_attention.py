@@ -48,6 +48,7 @@ CASES = [
     ("fp4_e2m1", 16, 1, 128, [37], 9, 24, True, False),  # MQA, group 16, window, sinks
     ("nvfp4", 14, 2, 128, [5, 40], 33, 16, True, True),  # group 7, full-precision chunk
     ("mxfp4", 4, 2, 64, [17, 0], 1, None, False, False),  # a one-token chunk
+    ("nvfp4_search_b8", 8, 2, 128, [19, 3], 24, None, True, False),  # blocks of 8
     ("fp8_e4m3", 8, 2, 64, [3, 70], 12, None, False, True),
     ("fp8_e5m2", 4, 4, 64, [21], 16, 8, True, False),  # group 1
     ("bf16", 4, 4, 64, [0], 512, 100, False, False),  # a 512-token chunk
@@ -76,6 +77,7 @@ MOSAIC_CASES = [
     ("nvfp4", 16, 1, 128, [37], 9, 128, 24, True, 64, None),  # MQA, group 16, window, sinks
     ("mxfp4", 6, 2, 128, [100, 0], 150, 256, None, True, 128, 5),  # group 3, three query blocks; 36 items over 5
     ("nvfp4_4over6", 4, 2, 64, [70, 5], 1, 128, 32, False, 64, None),  # a one-token chunk
+    ("nvfp4_search_b8", 4, 2, 128, [40, 0], 30, 128, None, True, 64, None),  # blocks of 8
 ]
 
 
@@ -99,7 +101,7 @@ def test_mosaic_kernel_matches_reference(fmt, heads, kv_heads, head_dim, prefix,
 
 def test_mosaic_kernel_refuses_what_it_does_not_handle():
     layer, start, q, k, v = _chunk_after_prefix(2, "fp8_e4m3", 8, 2, 64, [3], 4, capacity=128)
-    with pytest.raises(ValueError, match="'pallas_mosaic' handles fp4_e2m1, nvfp4, nvfp4_4over6, mxfp4, not 'fp8_e4m3'"):
+    with pytest.raises(ValueError, match="'pallas_mosaic' handles nvfp4_search_b8, fp4_e2m1, nvfp4, nvfp4_4over6, nvfp4_search, mxfp4, not 'fp8_e4m3'"):
         prefill_attention(q, layer, start, implementation="pallas_mosaic")
     layer, start, q, k, v = _chunk_after_prefix(2, "nvfp4", 8, 2, 64, [3], 4, capacity=128)
     with pytest.raises(ValueError, match="'pallas_mosaic' attends to the chunk as stored"):
