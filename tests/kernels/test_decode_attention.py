@@ -150,8 +150,8 @@ def test_bad_arguments_are_named():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "fmt, implementation",
-    [(fmt, "pallas_triton") for fmt in ("bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4")]
-    + [(fmt, "pallas_mosaic") for fmt in ("fp4_e2m1", "nvfp4", "mxfp4")]
+    [(fmt, "pallas_triton") for fmt in ("bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8")]
+    + [(fmt, "pallas_mosaic") for fmt in ("fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8")]
     + [(fmt, "pallas_mosaic_warp") for fmt in ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nvfp4", "mxfp4")],
 )
 def test_compiled_kernel_matches_reference_on_gpu(fmt, implementation):
@@ -162,7 +162,8 @@ def test_compiled_kernel_matches_reference_on_gpu(fmt, implementation):
     assert relative_error(out, ref) < 1e-2
 
 
-WARP_CASES = MOSAIC_CASES + [
+# Blocks of 8 are left to the other kernels (test_warp_kernel_leaves_blocks_of_8_to_the_other_kernels).
+WARP_CASES = [case for case in MOSAIC_CASES if case[0] in pallas_mosaic_warp.SUPPORTED_FORMATS] + [
     # fmt, heads, kv_heads, head_dim, lengths, max_len, window, sinks
     ("fp4_e2m1", 64, 8, 128, [1000, 33, 1, 4096], 4096, None, True),  # the target's group of 8
     ("nvfp4", 16, 1, 64, [5, 300], 320, 100, False),  # MQA of 16, head_dim 64, window

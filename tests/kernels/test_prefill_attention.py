@@ -197,7 +197,7 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8"])
 def test_compiled_kernel_matches_reference_on_gpu(fmt):
     layer, start, q, k, v = _chunk_after_prefix(7, fmt, 64, 8, 128, [0, 1000, 333], 700, window=None)
     sinks = jnp.linspace(-1.0, 1.0, 64)
@@ -208,7 +208,7 @@ def test_compiled_kernel_matches_reference_on_gpu(fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp4_e2m1", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8"])
 def test_compiled_mosaic_kernel_matches_reference_on_gpu(fmt):
     """The default schedule over ragged prefixes with sinks, and over a window."""
     ragged = _chunk_after_prefix(9, fmt, 64, 8, 128, [0, 1000, 333], 700, capacity=1792)

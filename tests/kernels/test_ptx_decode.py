@@ -14,7 +14,7 @@ ROWS, BYTES = 16, 64  # head_dim 128
 
 def _scales(fmt, key, rows=ROWS, width=BYTES):
     blocks = 2 * width // get_codec(fmt).block_size
-    if fmt == "nvfp4":
+    if get_codec(fmt).scale_dtype == jnp.float8_e4m3fn:
         magnitudes = jax.random.uniform(key, (rows, blocks), minval=2.0**-9, maxval=448.0)
         return magnitudes.astype(jnp.float8_e4m3fn)
     # Exponents -57 to 61: the PTX path's documented range (|x| below about 2**64),
@@ -23,7 +23,7 @@ def _scales(fmt, key, rows=ROWS, width=BYTES):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp4_e2m1", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "mxfp4", "nvfp4", "nvfp4_search_b8"])
 def test_ptx_decode_matches_portable_decode(fmt):
     codec = get_codec(fmt)
     data = (jnp.arange(ROWS * BYTES) % 256).astype(jnp.uint8).reshape(ROWS, BYTES)
@@ -42,7 +42,7 @@ def test_ptx_decode_matches_portable_decode(fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp4_e2m1", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "mxfp4", "nvfp4", "nvfp4_search_b8"])
 @pytest.mark.parametrize("width", [32, 64])  # head_dim 64 and 128
 def test_mosaic_tile_decode_matches_portable_decode(fmt, width):
     from jax.experimental.pallas import mosaic_gpu as plgpu
