@@ -60,6 +60,7 @@ class Nvfp4SearchCodec(Nvfp4Codec):
             best_error = jnp.where(better, error, best_error)
         return e2m1.pack_planes(*best_codes).reshape(planes[0].shape), best_scale
 
+
 def squared_error(encoded: EncodedBlocks) -> jax.Array:
     """float32 [..., n]: each block's squared error sum (x - code * scale)**2, from
     the misses truncated to multiples of 2**-12 of the scale (see the module
