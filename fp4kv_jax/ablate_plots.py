@@ -68,9 +68,9 @@ def _layer_errors(results: dict, path: Path) -> None:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("relative error ||x - x_ref|| / ||x_ref||")
     if _compared_rows(results):  # a reference-only run has nothing to label
-        axes[-1].legend()
+        _legend_below(figure, axes[-1])
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -84,10 +84,16 @@ def _kl_by_position(results: dict, path: Path) -> None:
              ylabel="mean KL(reference || row), nats", title="KL against context position",
              yscale="log")
     if _compared_rows(results):
-        axis.legend()
+        _legend_below(figure, axis)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
+
+
+def _legend_below(figure, axis) -> None:
+    # Below the axes, so that long recipe names hide no curve.
+    figure.legend(*axis.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                  ncol=2, fontsize="small", frameon=False)
 
 
 def write_plots(results: dict, out_dir: Path) -> list[Path]:

@@ -222,8 +222,8 @@ def init_cache(
         format's block size.
       center_keys, center_values: store each sequence's keys (values) minus the mean
         key (value) of the first chunk written to it (`LayerCache.key_mean`,
-        `value_mean`): exact in attention without sinks. Not combined with
-        keep_first, keep_recent or per_channel_keys.
+        `value_mean`): exact in attention without sinks. Kept positions hold them
+        centered too. Not combined with per_channel_keys.
     """
     config = get_config(config)
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):
@@ -238,10 +238,10 @@ def init_cache(
     )
     if rotate_keys or rotate_values:
         hadamard_matrix(config.head_dim)  # refuses a head_dim that is not a power of two
-    if (center_keys or center_values) and (kept or per_channel_keys):
+    if (center_keys or center_values) and per_channel_keys:
         raise ValueError(
-            "center_keys, center_values: not combined with keep_first, keep_recent or "
-            "per_channel_keys, whose full-precision copies hold the keys and values as written."
+            "center_keys, center_values: not combined with per_channel_keys, whose key "
+            "blocks are quantized from the recent window's copies."
         )
     layers = []
     for layer, (key_fmt, value_fmt) in enumerate(zip(key_formats, value_formats)):
@@ -448,7 +448,7 @@ def _write_key_blocks(before: LayerCache, stored: QuantizedTensor, k: jax.Array,
 
 
 def kept_values(
-    before: LayerCache, start: jax.Array, k: jax.Array, v: jax.Array
+    before: LayerCache, start: jax.Array, stored_k: jax.Array, stored_v: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """The full-precision keys and values by position that the queries of a chunk read
     from a layer keeping positions (`LayerCache.kept_k`), for attention.
@@ -457,13 +457,16 @@ def kept_values(
       before: the layer as it was before the chunk was written (a chunk's own writes
         can overwrite the recent ring that its first queries still read).
       start: int32 [B], the lengths before the chunk.
-      k, v: float [B, T, Hkv, D], the chunk as passed to `write_layer`.
+      stored_k, stored_v: float [B, T, Hkv, D], the chunk in the frame the layer stores
+        it, `to_stored_frame` of the layer *after* the write (a sequence's first chunk
+        sets the means of a centered layer).
 
     Returns:
-      (full_k, full_v), float32 [B, Hkv, capacity, D], in the stored (rotated) frame and
-      rounded to bf16 as kept; positions no query of the chunk reads from them are 0.
+      (full_k, full_v), float32 [B, Hkv, capacity, D], in the stored (centered,
+      rotated) frame and rounded to bf16 as kept; positions no query of the chunk reads
+      from them are 0.
     """
-    k, v = to_stored_frame(before, k, v)
+    k, v = stored_k, stored_v
     capacity, chunk = before.capacity, k.shape[1]
     # Kept slots by the position they held before the chunk; the chunk after them.
     held = kept_slot_positions(before, start)

@@ -16,7 +16,8 @@ from fp4kv_jax.formats import get_codec
 # turns on: "nvfp4+hadamard" is nvfp4 with keys stored Hadamard-rotated,
 # "nvfp4+hadamard+hadamard_v" with values rotated too; "nvfp4+keys_only" stores only
 # the keys in nvfp4 and the values in bf16, "nvfp4+values_only" the other way round;
-# "nvfp4+fp8_keys" stores the keys in fp8_e4m3 and the values in nvfp4;
+# "nvfp4+fp8_keys" stores the keys in fp8_e4m3 and the values in nvfp4 (the short
+# spelling of "nvfp4+keys=fp8_e4m3");
 # "nvfp4+channel_keys+recent=16" scales the keys per channel over blocks of 16
 # positions, staged in the recent window; "nvfp4+center_keys" stores the keys minus
 # each sequence's first-chunk mean key, "+center_values" the values so.
@@ -35,6 +36,9 @@ RECIPE_OPTIONS = {
 # in bf16 too (KIVI's full-precision sinks and recent window).
 _BF16_FIRST = "bf16_first="
 _COUNTED_OPTIONS = {"first=": "keep_first", "recent=": "keep_recent"}
+# Suffixes naming a format: "nvfp4_search+values=mxfp4" stores the keys in nvfp4_search
+# and the values in mxfp4, "mxfp4+keys=nvfp4" the other way round.
+_FORMAT_OPTIONS = {"keys=": "key_dtype", "values=": "value_dtype"}
 # The options that change what the cache stores, and so its memory figures.
 _STORAGE_OPTIONS = (
     "key_dtype", "value_dtype", "bf16_layers", "keep_first", "keep_recent", "center_keys", "center_values",
@@ -74,7 +78,8 @@ def recipe_from_name(name: str) -> CacheRecipe:
 
     For example "fp4_e2m1" or "nvfp4+hadamard"; suffixes are the keys of RECIPE_OPTIONS,
     "bf16_first=N" (the first N layers stored in bf16, a per-layer dtype), "first=N"
-    and "recent=N" (the first and the last N positions also kept in bf16).
+    and "recent=N" (the first and the last N positions also kept in bf16), "keys=FORMAT"
+    and "values=FORMAT" (the keys, or the values, stored in another format).
     """
     cache_dtype, *suffixes = name.split("+")
     get_codec(cache_dtype, arg="cache_dtype")
@@ -87,12 +92,17 @@ def recipe_from_name(name: str) -> CacheRecipe:
             options.append(("bf16_layers", tuple(range(int(suffix[len(_BF16_FIRST):])))))
         elif (prefix := suffix.partition("=")[0] + "=") in _COUNTED_OPTIONS and suffix[len(prefix):].isdigit():
             options.append((_COUNTED_OPTIONS[prefix], int(suffix[len(prefix):])))
+        elif prefix in _FORMAT_OPTIONS:
+            fmt = suffix[len(prefix):]
+            get_codec(fmt, arg=f"cache_dtype (+{prefix}FORMAT)")
+            options.append((_FORMAT_OPTIONS[prefix], fmt))
         else:
             unknown.append(suffix)
     if unknown:
         raise ValueError(
             f"cache_dtype: unknown recipe suffix(es) {unknown} in {name!r}; valid: "
             f"{', '.join('+' + key for key in RECIPE_OPTIONS)}, +{_BF16_FIRST}N, "
-            f"{', '.join('+' + prefix + 'N' for prefix in _COUNTED_OPTIONS)}."
+            f"{', '.join('+' + prefix + 'N' for prefix in _COUNTED_OPTIONS)}, "
+            f"{', '.join('+' + prefix + 'FORMAT' for prefix in _FORMAT_OPTIONS)}."
         )
     return CacheRecipe(name=name, cache_dtype=cache_dtype, options=tuple(options))

@@ -81,7 +81,9 @@ class Attention(nnx.Module):
                 out = decode_attention(q[:, 0], stored, cache.lengths + 1, sinks=sinks)[:, None]
             else:
                 full_k, full_v = (
-                    kv_cache.kept_values(before, cache.lengths, k, v) if stored.keeps_positions else (None, None)
+                    kv_cache.kept_values(before, cache.lengths, *kv_cache.to_stored_frame(stored, k, v))
+                    if stored.keeps_positions
+                    else (None, None)
                 )
                 out = prefill_attention(q, stored, cache.lengths, sinks=sinks, full_k=full_k, full_v=full_v)
         batch, chunk = x.shape[:2]

@@ -100,6 +100,17 @@ def test_one_pass_window_score_equals_token_by_token_decode_through_the_same_cac
     assert np.abs(scored - np.asarray(no_cache)).max() > 1e-3  # the cache's FP4 is really read
 
 
+def test_a_centered_layer_keeps_its_positions_centered_so_attention_reads_them_as_written(llama):
+    with np.load(FIXTURES / "llama" / "golden.npz") as golden:
+        input_ids = golden["input_ids"][:1, :12]
+    # Every position kept: the FP4 store is never read, so what is left is the bf16
+    # rounding of the kept copies (about 1e-2 nats here, centered or not); values kept
+    # in another frame than the stored ones would move the scores by nats.
+    all_kept = score_window(llama, input_ids, recipe_from_name("nvfp4+center_keys+center_values+recent=12"))
+    exact = score_window(llama, input_ids, recipe_from_name("float32"))
+    np.testing.assert_allclose(all_kept.nll, exact.nll, atol=2e-2)
+
+
 def test_recipe_names_spell_a_cache_dtype_and_its_options():
     recipe = recipe_from_name("nvfp4+hadamard")
     assert (recipe.name, recipe.cache_dtype, dict(recipe.options)) == (
@@ -111,6 +122,10 @@ def test_recipe_names_spell_a_cache_dtype_and_its_options():
     assert dict(recipe_from_name("mxfp4+values_only").options) == {"key_dtype": "bf16"}
     assert recipe_from_name("nvfp4+bf16_first=2").storage == {"cache_dtype": "nvfp4", "bf16_layers": (0, 1)}
     assert dict(recipe_from_name("nvfp4+fp8_keys").options) == {"key_dtype": "fp8_e4m3"}
+    assert recipe_from_name("nvfp4_search+values=mxfp4").storage == {
+        "cache_dtype": "nvfp4_search", "value_dtype": "mxfp4"
+    }
+    assert dict(recipe_from_name("mxfp4+keys=nvfp4").options) == {"key_dtype": "nvfp4"}
     assert recipe_from_name("nvfp4+center_keys+center_values").storage == {
         "cache_dtype": "nvfp4", "center_keys": True, "center_values": True
     }
@@ -125,6 +140,8 @@ def test_recipe_names_spell_a_cache_dtype_and_its_options():
         recipe_from_name("nvfp4+bf16_first=x")
     with pytest.raises(ValueError, match="cache_dtype"):
         recipe_from_name("fp5+hadamard")
+    with pytest.raises(ValueError, match=r"cache_dtype \(\+values=FORMAT\): unknown cache format 'fp5'.*mxfp4"):
+        recipe_from_name("nvfp4+values=fp5")
 
 
 def test_windows_are_contiguous_spread_over_the_corpus_and_cap_the_scored_tokens():

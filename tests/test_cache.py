@@ -247,10 +247,10 @@ def test_the_mean_key_is_the_first_chunks_and_centering_cuts_the_fp4_key_error()
     assert error(centered) < 0.5 * error(plain)
 
 
-def test_centered_keys_are_refused_with_sinks_and_with_kept_positions():
+def test_centered_keys_are_refused_with_sinks_and_with_per_channel_keys():
     cache = C.update(C.init_cache(TINY, 1, 8, "nvfp4", center_keys=True), [_kv(9, 1, 3)] * 2, [_kv(9, 1, 3)] * 2)
     q = jnp.ones((1, TINY.num_heads, TINY.head_dim))
     with pytest.raises(ValueError, match="sinks: the layer stores centered keys or values"):
         decode_attention(q, cache.layers[1], cache.lengths, sinks=jnp.zeros(TINY.num_heads))
-    with pytest.raises(ValueError, match="center_keys, center_values: not combined with keep_first"):
-        C.init_cache(TINY, 1, 8, "nvfp4", center_values=True, keep_recent=4)
+    with pytest.raises(ValueError, match="center_keys, center_values: not combined with per_channel_keys"):
+        C.init_cache(TINY, 1, 8, "nvfp4", center_values=True, per_channel_keys=True, keep_recent=16)

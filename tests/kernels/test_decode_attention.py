@@ -252,25 +252,26 @@ def test_compiled_kernels_refuse_a_head_dim_they_are_not_checked_at():
     assert decode_attention(q, cache.layers[0], cache.lengths).shape == q.shape  # the default: reference
 
 
+ROTATED = dict(rotate_keys=True, rotate_values=True)
 KEPT_CASES = [
-    # fmt, keep_first, keep_recent, lengths (some below the kept counts), window, sinks, rotated
-    ("nvfp4", 4, 16, [70, 9, 1], None, True, True),
-    ("mxfp4", 0, 32, [64, 40, 20], None, False, False),
-    ("fp8_e4m3", 8, 0, [50, 5, 12], None, True, False),
-    ("fp4_e2m1", 4, 8, [64, 30, 3], 24, False, True),  # window: kept first positions drop out
+    # fmt, keep_first, keep_recent, lengths (some below the kept counts), window, sinks, frame
+    ("nvfp4", 4, 16, [70, 9, 1], None, True, ROTATED),
+    ("mxfp4", 0, 32, [64, 40, 20], None, False, {}),
+    ("fp8_e4m3", 8, 0, [50, 5, 12], None, True, {}),
+    ("fp4_e2m1", 4, 8, [64, 30, 3], 24, False, ROTATED),  # window: kept first positions drop out
+    ("nvfp4_search", 4, 16, [64, 30, 3], None, False, dict(center_keys=True, center_values=True, **ROTATED)),
 ]
 
 
-@pytest.mark.parametrize("fmt, keep_first, keep_recent, lengths, window, sinks, rotated", KEPT_CASES)
+@pytest.mark.parametrize("fmt, keep_first, keep_recent, lengths, window, sinks, frame", KEPT_CASES)
 def test_triton_kernel_reads_the_kept_positions_like_the_reference(fmt, keep_first, keep_recent, lengths, window,
-                                                                    sinks, rotated):
+                                                                    sinks, frame):
     heads, kv_heads, head_dim, max_len = 8, 2, 64, 80
     config = one_layer_config(heads, kv_heads, head_dim, window)
     keys = jax.random.split(jax.random.key(sum(lengths) + keep_first), 3)
     k = realistic_keys(keys[0], (len(lengths), max_len, kv_heads, head_dim))
     v = jax.random.normal(keys[1], (len(lengths), max_len, kv_heads, head_dim))
-    cache = C.init_cache(config, len(lengths), max_len, fmt, keep_first=keep_first, keep_recent=keep_recent,
-                         rotate_keys=rotated, rotate_values=rotated)
+    cache = C.init_cache(config, len(lengths), max_len, fmt, keep_first=keep_first, keep_recent=keep_recent, **frame)
     cache = C.update(cache, [k], [v], num_tokens=jnp.asarray(lengths))
     q = jax.random.normal(keys[2], (len(lengths), heads, head_dim), jnp.bfloat16)
     sink_logits = jnp.linspace(-1.0, 2.0, heads) if sinks else None
@@ -291,14 +292,15 @@ def test_the_reference_reads_kept_positions_in_full_precision():
     cache = C.init_cache(config, 1, 40, "fp4_e2m1", keep_first=4, keep_recent=8)
     cache = C.update(cache, [k], [v])
     q = jax.random.normal(jax.random.key(5), (1, 4, 64))
-    out = decode_attention(q, cache.layers[0], cache.lengths)
+    out = decode_attention(q, cache.layers[0], cache.lengths, implementation="reference")
     # Positions 0-3 and 32-39 are read in bf16, the others as stored (FP4).
     stored_k, stored_v, _ = C.read_layer(cache, 0)  # [B, Hkv, S, D]
     kept = ((jnp.arange(40) < 4) | (jnp.arange(40) >= 32))[None, None, :, None]
     as_bf16 = lambda x: x.transpose(0, 2, 1, 3).astype(jnp.bfloat16).astype(jnp.float32)
     k_read, v_read = jnp.where(kept, as_bf16(k), stored_k), jnp.where(kept, as_bf16(v), stored_v)
-    logits = jnp.einsum("bhgd,bhsd->bhgs", q.reshape(1, 2, 2, 64), k_read) / 8.0
-    expected = jnp.einsum("bhgs,bhsd->bhgd", jax.nn.softmax(logits, axis=-1), v_read).reshape(1, 4, 64)
+    logits = jnp.einsum("bhgd,bhsd->bhgs", q.reshape(1, 2, 2, 64), k_read, precision="highest") / 8.0
+    probs = jax.nn.softmax(logits, axis=-1)
+    expected = jnp.einsum("bhgs,bhsd->bhgd", probs, v_read, precision="highest").reshape(1, 4, 64)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=2e-5, atol=2e-6)
 
 

@@ -249,29 +249,31 @@ def test_gpu_default_is_the_mosaic_kernel_where_it_handles_the_layer():
 
 
 KEPT_CASES = [
-    # fmt, keep_first, keep_recent, prefix lengths, chunk, window, sinks
-    ("nvfp4", 4, 16, [40, 3], 20, None, True),  # the chunk passes the ring; a prefix shorter than it
-    ("mxfp4", 0, 32, [0, 50], 33, None, False),  # recent window only, an empty prefix
-    ("fp4_e2m1", 8, 8, [30, 12], 9, 16, False),  # window: the first kept positions drop out
-    ("fp8_e4m3", 16, 0, [25], 40, None, True),  # sinks only
+    # fmt, keep_first, keep_recent, prefix lengths, chunk, window, sinks, centered
+    ("nvfp4", 4, 16, [40, 3], 20, None, True, False),  # the chunk passes the ring; a prefix shorter than it
+    ("mxfp4", 0, 32, [0, 50], 33, None, False, False),  # recent window only, an empty prefix
+    ("fp4_e2m1", 8, 8, [30, 12], 9, 16, False, False),  # window: the first kept positions drop out
+    ("fp8_e4m3", 16, 0, [25], 40, None, True, False),  # sinks only
+    ("nvfp4_search", 4, 16, [0, 30], 20, None, False, True),  # centered K/V; the chunk sets one sequence's means
 ]
 
 
-@pytest.mark.parametrize("fmt, keep_first, keep_recent, prefix, chunk, window, sinks", KEPT_CASES)
+@pytest.mark.parametrize("fmt, keep_first, keep_recent, prefix, chunk, window, sinks, centered", KEPT_CASES)
 def test_pallas_kernel_reads_kept_positions_like_the_reference(fmt, keep_first, keep_recent, prefix, chunk, window,
-                                                               sinks):
+                                                               sinks, centered):
     heads, kv_heads, head_dim = 8, 2, 64
     keys = jax.random.split(jax.random.key(chunk + keep_first), 5)
     longest = max(max(prefix), 1)
     cache = C.init_cache(one_layer_config(heads, kv_heads, head_dim, window), len(prefix), longest + chunk + 3, fmt,
-                         keep_first=keep_first, keep_recent=keep_recent, rotate_keys=True)
+                         keep_first=keep_first, keep_recent=keep_recent, rotate_keys=True, center_keys=centered,
+                         center_values=centered)
     pk = realistic_keys(keys[0], (len(prefix), longest, kv_heads, head_dim))
     cache = C.update(cache, [pk], [jax.random.normal(keys[1], pk.shape)], num_tokens=jnp.asarray(prefix))
     k = realistic_keys(keys[2], (len(prefix), chunk, kv_heads, head_dim))
     v = jax.random.normal(keys[3], k.shape)
     before, start = cache.layers[0], cache.lengths
-    full_k, full_v = C.kept_values(before, start, k, v)
     layer = C.write_layer(cache, 0, k, v).layers[0]
+    full_k, full_v = C.kept_values(before, start, *C.to_stored_frame(layer, k, v))
     q = jax.random.normal(keys[4], (len(prefix), chunk, heads, head_dim), jnp.bfloat16)
     args = dict(sinks=jnp.linspace(-2.0, 3.0, heads) if sinks else None, full_k=full_k, full_v=full_v)
     ref = prefill_attention(q, layer, start, implementation="reference", **args)
