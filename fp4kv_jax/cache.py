@@ -466,8 +466,7 @@ def kept_values(
       rotated) frame and rounded to bf16 as kept; positions no query of the chunk reads
       from them are 0.
     """
-    k, v = stored_k, stored_v
-    capacity, chunk = before.capacity, k.shape[1]
+    capacity, chunk = before.capacity, stored_k.shape[1]
     # Kept slots by the position they held before the chunk; the chunk after them.
     held = kept_slot_positions(before, start)
     held = jnp.where(held >= 0, held, capacity)
@@ -483,7 +482,7 @@ def kept_values(
 
         return jax.vmap(per_sequence)(full, kept, held, new, chunk_positions)
 
-    return by_position(before.kept_k, k), by_position(before.kept_v, v)
+    return by_position(before.kept_k, stored_k), by_position(before.kept_v, stored_v)
 
 
 def kept_slot_positions(layer: LayerCache, lengths: jax.Array) -> jax.Array:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from fp4kv_jax import cache as C
 from fp4kv_jax import channel_keys, dequantize, quantize
@@ -64,7 +65,7 @@ def test_positions_inside_the_window_are_read_in_bf16_and_older_ones_per_channel
     np.testing.assert_allclose(scored[:16], bf16[:16], atol=1e-6)
     assert np.abs(scored - bf16)[16:].max() > 1e-3
     cache = recipe_from_name("nvfp4+channel_keys+recent=16").build_cache(llama, 1, 30)
-    _, cache = llama(input_ids, cache=cache)
+    _, cache = nnx.jit(lambda model, ids, cache: model(ids, cache=cache))(llama, input_ids, cache)
     keys, _, _ = C.read_layer(cache, 0)
     assert bool(jnp.all(jnp.isfinite(keys)))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from fp4kv_jax import generate
 from fp4kv_jax.generate import _decode_loop, _prefill
@@ -21,9 +22,10 @@ def tiny():
 
 
 def _argmax_chain(model, prompt, steps):
+    forward = nnx.jit(lambda model, ids: model(ids)[0, -1])  # one compile a length, not one an op
     ids = list(prompt)
     for _ in range(steps):
-        ids.append(int(np.argmax(np.asarray(model(np.array([ids])))[0, -1])))
+        ids.append(int(np.argmax(np.asarray(forward(model, np.array([ids]))))))
     return ids[len(prompt) :]
 
 

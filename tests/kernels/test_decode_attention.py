@@ -256,10 +256,9 @@ ROTATED = dict(rotate_keys=True, rotate_values=True)
 KEPT_CASES = [
     # fmt, keep_first, keep_recent, lengths (some below the kept counts), window, sinks, frame
     ("nvfp4", 4, 16, [70, 9, 1], None, True, ROTATED),
-    ("mxfp4", 0, 32, [64, 40, 20], None, False, {}),
+    ("mxfp4", 0, 32, [64, 40, 20], None, False, dict(center_keys=True, center_values=True, **ROTATED)),
     ("fp8_e4m3", 8, 0, [50, 5, 12], None, True, {}),
     ("fp4_e2m1", 4, 8, [64, 30, 3], 24, False, ROTATED),  # window: kept first positions drop out
-    ("nvfp4_search", 4, 16, [64, 30, 3], None, False, dict(center_keys=True, center_values=True, **ROTATED)),
 ]
 
 

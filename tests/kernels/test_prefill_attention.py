@@ -251,10 +251,10 @@ def test_gpu_default_is_the_mosaic_kernel_where_it_handles_the_layer():
 KEPT_CASES = [
     # fmt, keep_first, keep_recent, prefix lengths, chunk, window, sinks, centered
     ("nvfp4", 4, 16, [40, 3], 20, None, True, False),  # the chunk passes the ring; a prefix shorter than it
-    ("mxfp4", 0, 32, [0, 50], 33, None, False, False),  # recent window only, an empty prefix
+    # recent window only; centered K/V, an empty prefix whose means the chunk sets
+    ("mxfp4", 0, 32, [0, 50], 33, None, False, True),
     ("fp4_e2m1", 8, 8, [30, 12], 9, 16, False, False),  # window: the first kept positions drop out
     ("fp8_e4m3", 16, 0, [25], 40, None, True, False),  # sinks only
-    ("nvfp4_search", 4, 16, [0, 30], 20, None, False, True),  # centered K/V; the chunk sets one sequence's means
 ]
 
 
