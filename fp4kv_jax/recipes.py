@@ -86,16 +86,17 @@ def recipe_from_name(name: str) -> CacheRecipe:
     options = []
     unknown = []
     for suffix in suffixes:
+        key, _, value = suffix.partition("=")
+        prefix = key + "="
         if suffix in RECIPE_OPTIONS:
             options += RECIPE_OPTIONS[suffix]
-        elif suffix.startswith(_BF16_FIRST) and suffix[len(_BF16_FIRST):].isdigit():
-            options.append(("bf16_layers", tuple(range(int(suffix[len(_BF16_FIRST):])))))
-        elif (prefix := suffix.partition("=")[0] + "=") in _COUNTED_OPTIONS and suffix[len(prefix):].isdigit():
-            options.append((_COUNTED_OPTIONS[prefix], int(suffix[len(prefix):])))
+        elif prefix == _BF16_FIRST and value.isdigit():
+            options.append(("bf16_layers", tuple(range(int(value)))))
+        elif prefix in _COUNTED_OPTIONS and value.isdigit():
+            options.append((_COUNTED_OPTIONS[prefix], int(value)))
         elif prefix in _FORMAT_OPTIONS:
-            fmt = suffix[len(prefix):]
-            get_codec(fmt, arg=f"cache_dtype (+{prefix}FORMAT)")
-            options.append((_FORMAT_OPTIONS[prefix], fmt))
+            get_codec(value, arg=f"cache_dtype (+{prefix}FORMAT)")
+            options.append((_FORMAT_OPTIONS[prefix], value))
         else:
             unknown.append(suffix)
     if unknown:
