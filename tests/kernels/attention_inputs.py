@@ -1,5 +1,7 @@
 """Inputs and measures shared by the attention kernels' tests."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,3 +35,30 @@ def relative_error(out, ref):
     """||out - ref|| / ||ref|| in float64."""
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+def _hashable(x):
+    return tuple(x) if isinstance(x, list) else x
+
+
+def compiled_once(make_inputs):
+    """`make_inputs(*args, **kwargs)` run as one jitted program, every argument static
+    (a test case's Python values): a case's set-up then compiles once instead of op by
+    op, which is most of an interpret-mode test's time on CPU."""
+
+    @functools.wraps(make_inputs)
+    def wrapper(*args, **kwargs):
+        args, kwargs = tuple(map(_hashable, args)), {k: _hashable(v) for k, v in kwargs.items()}
+        return jax.jit(make_inputs, static_argnums=tuple(range(len(args))), static_argnames=tuple(kwargs))(
+            *args, **kwargs
+        )
+
+    return wrapper
+
+
+def jitted(op, *inputs, **options):
+    """op(*inputs, **options) as one jitted program: array options are traced, the
+    others (implementation, tile sizes) static."""
+    arrays = {name: value for name, value in options.items() if isinstance(value, jax.Array)}
+    static = {name: value for name, value in options.items() if name not in arrays}
+    return jax.jit(functools.partial(op, **static))(*inputs, **arrays)

@@ -11,9 +11,10 @@ import pytest
 from fp4kv_jax import cache as C
 from fp4kv_jax.kernels.decode_attention import decode_attention, pallas_mosaic_warp
 
-from attention_inputs import one_layer_config, realistic_keys, relative_error
+from attention_inputs import compiled_once, jitted, one_layer_config, realistic_keys, relative_error
 
 
+@compiled_once
 def _filled_cache(seed, fmt, heads, kv_heads, head_dim, lengths, max_len, window=None, trim=False):
     config = one_layer_config(heads, kv_heads, head_dim, window)
     batch = len(lengths)
@@ -46,9 +47,10 @@ def test_pallas_kernel_matches_reference(fmt, heads, kv_heads, head_dim, lengths
     cache, q = _filled_cache(len(lengths) * max_len + heads, fmt, heads, kv_heads, head_dim, lengths, max_len, window)
     sink_logits = jnp.linspace(-2.0, 3.0, heads) if sinks else None
     layer, lengths = cache.layers[0], cache.lengths
-    ref = decode_attention(q, layer, lengths, sinks=sink_logits, implementation="reference")
-    out = decode_attention(
-        q, layer, lengths, sinks=sink_logits, implementation="pallas_triton", block_k=16, num_splits=3
+    ref = jitted(decode_attention, q, layer, lengths, sinks=sink_logits, implementation="reference")
+    out = jitted(
+        decode_attention, q, layer, lengths, sinks=sink_logits, implementation="pallas_triton", block_k=16,
+        num_splits=3,
     )
     assert out.shape == q.shape and out.dtype == q.dtype
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))  # every element written
@@ -70,8 +72,8 @@ def test_mosaic_kernel_matches_reference(fmt, heads, kv_heads, head_dim, lengths
     cache, q = _filled_cache(len(lengths) + heads, fmt, heads, kv_heads, head_dim, lengths, max_len, window)
     sink_logits = jnp.linspace(-2.0, 3.0, heads) if sinks else None
     layer, lengths = cache.layers[0], cache.lengths
-    ref = decode_attention(q, layer, lengths, sinks=sink_logits, implementation="reference")
-    out = decode_attention(q, layer, lengths, sinks=sink_logits, implementation="pallas_mosaic", num_splits=2)
+    ref = jitted(decode_attention, q, layer, lengths, sinks=sink_logits, implementation="reference")
+    out = jitted(decode_attention, q, layer, lengths, sinks=sink_logits, implementation="pallas_mosaic", num_splits=2)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
     assert relative_error(out, ref) < 1e-2
@@ -91,15 +93,15 @@ def _ring_and_full_caches(seed, **kwargs):
     full, q = _filled_cache(seed, **kwargs)
     ring, _ = _filled_cache(seed, **kwargs, trim=True)
     assert ring.layers[0].ring and ring.layers[0].capacity == kwargs["window"]
-    expected = decode_attention(q, full.layers[0], full.lengths, implementation="reference")
+    expected = jitted(decode_attention, q, full.layers[0], full.lengths, implementation="reference")
     return expected, ring.layers[0], q, ring.lengths
 
 
 def test_ring_buffer_layer_matches_the_untrimmed_cache():
     kwargs = dict(fmt="fp4_e2m1", heads=4, kv_heads=2, head_dim=64, lengths=[45, 20], max_len=48, window=16)
     expected, layer, q, lengths = _ring_and_full_caches(5, **kwargs)
-    reference = decode_attention(q, layer, lengths, implementation="reference")
-    kernel = decode_attention(q, layer, lengths, implementation="pallas_triton", block_k=16)
+    reference = jitted(decode_attention, q, layer, lengths, implementation="reference")
+    kernel = jitted(decode_attention, q, layer, lengths, implementation="pallas_triton", block_k=16)
     assert relative_error(reference, expected) < 1e-5
     assert relative_error(kernel, expected) < 1e-2
 
@@ -129,7 +131,7 @@ def test_reference_matches_float64_numpy(window, sinks):
     q64 = np.asarray(q, np.float64)
     expected = _numpy_attention(q64, np.asarray(k, np.float64), np.asarray(v, np.float64),
                                 lengths, 0.125, window, sinks)
-    out = decode_attention(q.astype(jnp.float32), cache.layers[0], cache.lengths,
+    out = jitted(decode_attention, q.astype(jnp.float32), cache.layers[0], cache.lengths,
                            sinks=None if sinks is None else jnp.asarray(sinks), implementation="reference")
     assert relative_error(out, expected) < 1e-5
 
@@ -262,26 +264,40 @@ KEPT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fmt, keep_first, keep_recent, lengths, window, sinks, frame", KEPT_CASES)
-def test_triton_kernel_reads_the_kept_positions_like_the_reference(fmt, keep_first, keep_recent, lengths, window,
-                                                                    sinks, frame):
+@compiled_once
+def _kept_cache(fmt, keep_first, keep_recent, lengths, window, frame):
+    """A cache of 8 query heads over 2 KV heads of 64, 80 positions, keeping positions,
+    filled to `lengths`; `frame`: more init_cache options as (name, value) pairs.
+
+    Returns (cache, q [B, 8, 64])."""
     heads, kv_heads, head_dim, max_len = 8, 2, 64, 80
     config = one_layer_config(heads, kv_heads, head_dim, window)
     keys = jax.random.split(jax.random.key(sum(lengths) + keep_first), 3)
     k = realistic_keys(keys[0], (len(lengths), max_len, kv_heads, head_dim))
     v = jax.random.normal(keys[1], (len(lengths), max_len, kv_heads, head_dim))
-    cache = C.init_cache(config, len(lengths), max_len, fmt, keep_first=keep_first, keep_recent=keep_recent, **frame)
+    cache = C.init_cache(
+        config, len(lengths), max_len, fmt, keep_first=keep_first, keep_recent=keep_recent, **dict(frame)
+    )
     cache = C.update(cache, [k], [v], num_tokens=jnp.asarray(lengths))
     q = jax.random.normal(keys[2], (len(lengths), heads, head_dim), jnp.bfloat16)
-    sink_logits = jnp.linspace(-1.0, 2.0, heads) if sinks else None
+    return cache, q
+
+
+@pytest.mark.parametrize("fmt, keep_first, keep_recent, lengths, window, sinks, frame", KEPT_CASES)
+def test_triton_kernel_reads_the_kept_positions_like_the_reference(fmt, keep_first, keep_recent, lengths, window,
+                                                                    sinks, frame):
+    cache, q = _kept_cache(fmt, keep_first, keep_recent, lengths, window, tuple(frame.items()))
+    sink_logits = jnp.linspace(-1.0, 2.0, 8) if sinks else None
     layer = cache.layers[0]
-    ref = decode_attention(q, layer, cache.lengths, sinks=sink_logits, implementation="reference")
-    out = decode_attention(q, layer, cache.lengths, sinks=sink_logits, implementation="pallas_triton", block_k=16)
+    ref = jitted(decode_attention, q, layer, cache.lengths, sinks=sink_logits, implementation="reference")
+    out = jitted(
+        decode_attention, q, layer, cache.lengths, sinks=sink_logits, implementation="pallas_triton", block_k=16
+    )
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
     assert relative_error(out, ref) < 1e-2
     # The kept positions matter: the stored layer alone attends differently.
     plain = dataclasses.replace(layer, kept_k=None, kept_v=None, keep_first=0, keep_recent=0)
-    assert relative_error(decode_attention(q, plain, cache.lengths, sinks=sink_logits), ref) > 2e-2
+    assert relative_error(jitted(decode_attention, q, plain, cache.lengths, sinks=sink_logits), ref) > 2e-2
 
 
 def test_the_reference_reads_kept_positions_in_full_precision():
@@ -289,9 +305,9 @@ def test_the_reference_reads_kept_positions_in_full_precision():
     k = realistic_keys(jax.random.key(3), (1, 40, 2, 64))
     v = jax.random.normal(jax.random.key(4), (1, 40, 2, 64))
     cache = C.init_cache(config, 1, 40, "fp4_e2m1", keep_first=4, keep_recent=8)
-    cache = C.update(cache, [k], [v])
+    cache = jax.jit(C.update)(cache, [k], [v])
     q = jax.random.normal(jax.random.key(5), (1, 4, 64))
-    out = decode_attention(q, cache.layers[0], cache.lengths, implementation="reference")
+    out = jitted(decode_attention, q, cache.layers[0], cache.lengths, implementation="reference")
     # Positions 0-3 and 32-39 are read in bf16, the others as stored (FP4).
     stored_k, stored_v, _ = C.read_layer(cache, 0)  # [B, Hkv, S, D]
     kept = ((jnp.arange(40) < 4) | (jnp.arange(40) >= 32))[None, None, :, None]

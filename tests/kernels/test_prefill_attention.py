@@ -12,9 +12,10 @@ from fp4kv_jax.kernels.decode_attention import decode_attention
 from fp4kv_jax.kernels.prefill_attention import prefill_attention
 from fp4kv_jax.models.transformer import causal_attention
 
-from attention_inputs import one_layer_config, realistic_keys, relative_error
+from attention_inputs import compiled_once, jitted, one_layer_config, realistic_keys, relative_error
 
 
+@compiled_once
 def _chunk_after_prefix(
     seed, fmt, heads, kv_heads, head_dim, prefix, chunk, window=None, trim=False, rotate=False, capacity=None
 ):
@@ -63,9 +64,9 @@ def test_pallas_kernel_matches_reference(fmt, heads, kv_heads, head_dim, prefix,
     args = dict(sinks=jnp.linspace(-2.0, 3.0, heads) if sinks else None)
     if exact:
         args.update(chunk_k=k, chunk_v=v)
-    ref = prefill_attention(q, layer, start, implementation="reference", **args)
+    ref = jitted(prefill_attention, q, layer, start, implementation="reference", **args)
     block_k = 64 if chunk > 64 else 16
-    out = prefill_attention(q, layer, start, implementation="pallas_triton", block_k=block_k, **args)
+    out = jitted(prefill_attention, q, layer, start, implementation="pallas_triton", block_k=block_k, **args)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))  # every element written
     assert relative_error(out, ref) < (1e-5 if fmt == "float32" else 1e-2)
@@ -90,9 +91,10 @@ def test_mosaic_kernel_matches_reference(fmt, heads, kv_heads, head_dim, prefix,
         chunk + heads, fmt, heads, kv_heads, head_dim, prefix, chunk, window, capacity=capacity
     )
     sink_logits = jnp.linspace(-2.0, 3.0, heads) if sinks else None
-    ref = prefill_attention(q, layer, start, sinks=sink_logits, implementation="reference")
-    out = prefill_attention(
-        q, layer, start, sinks=sink_logits, implementation="pallas_mosaic", block_k=block_k, programs=programs
+    ref = jitted(prefill_attention, q, layer, start, sinks=sink_logits, implementation="reference")
+    out = jitted(
+        prefill_attention, q, layer, start, sinks=sink_logits, implementation="pallas_mosaic", block_k=block_k,
+        programs=programs,
     )
     assert out.shape == q.shape and out.dtype == q.dtype
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
@@ -121,8 +123,9 @@ def test_a_full_precision_chunk_without_prefix_is_plain_causal_attention():
     layer, start, q, k, v = _chunk_after_prefix(3, "fp4_e2m1", 8, 2, 64, [0, 0], 24, window=10)
     sinks = jnp.linspace(-1.0, 1.0, 8)
     expected = causal_attention(q.astype(jnp.float32), k, v, window=10, sinks=sinks)
-    exact = prefill_attention(q, layer, start, sinks=sinks, chunk_k=k, chunk_v=v, implementation="pallas_triton", block_k=16)
-    stored = prefill_attention(q, layer, start, sinks=sinks, implementation="pallas_triton", block_k=16)
+    kernel = dict(implementation="pallas_triton", block_k=16)
+    exact = jitted(prefill_attention, q, layer, start, sinks=sinks, chunk_k=k, chunk_v=v, **kernel)
+    stored = jitted(prefill_attention, q, layer, start, sinks=sinks, **kernel)
     assert relative_error(exact, expected) < 1e-2
     # FP4 storage visibly changes what the chunk attends to.
     assert relative_error(stored, expected) > 3 * relative_error(exact, expected)
@@ -130,8 +133,8 @@ def test_a_full_precision_chunk_without_prefix_is_plain_causal_attention():
 
 def test_stored_chunk_agrees_with_decode_for_its_last_query():
     layer, start, q, _, _ = _chunk_after_prefix(4, "nvfp4", 8, 2, 128, [11, 30], 6)
-    prefill = prefill_attention(q, layer, start, implementation="reference")
-    decode = decode_attention(q[:, -1], layer, start + 6, implementation="reference")
+    prefill = jitted(prefill_attention, q, layer, start, implementation="reference")
+    decode = jitted(decode_attention, q[:, -1], layer, start + 6, implementation="reference")
     assert relative_error(prefill[:, -1], decode) < 1e-6
 
 
@@ -141,8 +144,8 @@ def test_rotated_keys_and_values_leave_the_output_unchanged(exact):
     plain, start, q, k, v = _chunk_after_prefix(8, **kwargs)
     rotated, _, _, _, _ = _chunk_after_prefix(8, **kwargs, rotate=True)
     extra = dict(chunk_k=k, chunk_v=v) if exact else {}
-    expected = prefill_attention(q.astype(jnp.float32), plain, start, implementation="reference", **extra)
-    out = prefill_attention(q.astype(jnp.float32), rotated, start, implementation="reference", **extra)
+    expected = jitted(prefill_attention, q.astype(jnp.float32), plain, start, implementation="reference", **extra)
+    out = jitted(prefill_attention, q.astype(jnp.float32), rotated, start, implementation="reference", **extra)
     assert relative_error(out, expected) < 1e-5
 
 
@@ -151,8 +154,8 @@ def test_ring_buffer_layer_serves_one_token_chunks():
     full, start, q, _, _ = _chunk_after_prefix(5, **kwargs)
     ring, ring_start, _, _, _ = _chunk_after_prefix(5, **kwargs, trim=True)
     assert ring.ring and ring.capacity == 16
-    expected = prefill_attention(q, full, start, implementation="reference")
-    kernel = prefill_attention(q, ring, ring_start, implementation="pallas_triton", block_k=16)
+    expected = jitted(prefill_attention, q, full, start, implementation="reference")
+    kernel = jitted(prefill_attention, q, ring, ring_start, implementation="pallas_triton", block_k=16)
     assert relative_error(kernel, expected) < 1e-2
 
 
@@ -178,7 +181,7 @@ def test_reference_matches_float64_numpy(window):
     k = np.asarray(dequantize(layer.k), np.float64)
     v = np.asarray(dequantize(layer.v), np.float64)
     expected = _numpy_prefill(np.asarray(q, np.float64), k, v, np.asarray(start), 0.125, window)
-    out = prefill_attention(q.astype(jnp.float32), layer, start, implementation="reference")
+    out = jitted(prefill_attention, q.astype(jnp.float32), layer, start, implementation="reference")
     assert relative_error(out, expected) < 1e-5
 
 
@@ -258,9 +261,13 @@ KEPT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fmt, keep_first, keep_recent, prefix, chunk, window, sinks, centered", KEPT_CASES)
-def test_pallas_kernel_reads_kept_positions_like_the_reference(fmt, keep_first, keep_recent, prefix, chunk, window,
-                                                               sinks, centered):
+@compiled_once
+def _kept_chunk_after_prefix(fmt, keep_first, keep_recent, prefix, chunk, window, centered):
+    """A layer of 8 query heads over 2 KV heads of 64 keeping positions, holding each
+    sequence's prefix, then a chunk written after it.
+
+    Returns (layer, start, q [B, T, 8, 64], full_k, full_v [B, 2, capacity, 64]).
+    """
     heads, kv_heads, head_dim = 8, 2, 64
     keys = jax.random.split(jax.random.key(chunk + keep_first), 5)
     longest = max(max(prefix), 1)
@@ -275,8 +282,16 @@ def test_pallas_kernel_reads_kept_positions_like_the_reference(fmt, keep_first, 
     layer = C.write_layer(cache, 0, k, v).layers[0]
     full_k, full_v = C.kept_values(before, start, *C.to_stored_frame(layer, k, v))
     q = jax.random.normal(keys[4], (len(prefix), chunk, heads, head_dim), jnp.bfloat16)
-    args = dict(sinks=jnp.linspace(-2.0, 3.0, heads) if sinks else None, full_k=full_k, full_v=full_v)
-    ref = prefill_attention(q, layer, start, implementation="reference", **args)
-    out = prefill_attention(q, layer, start, implementation="pallas_triton", block_k=16, **args)
+    return layer, start, q, full_k, full_v
+
+
+@pytest.mark.parametrize("fmt, keep_first, keep_recent, prefix, chunk, window, sinks, centered", KEPT_CASES)
+def test_pallas_kernel_reads_kept_positions_like_the_reference(fmt, keep_first, keep_recent, prefix, chunk, window,
+                                                               sinks, centered):
+    layer, start, q, full_k, full_v = _kept_chunk_after_prefix(fmt, keep_first, keep_recent, prefix, chunk, window,
+                                                               centered)
+    args = dict(sinks=jnp.linspace(-2.0, 3.0, 8) if sinks else None, full_k=full_k, full_v=full_v)
+    ref = jitted(prefill_attention, q, layer, start, implementation="reference", **args)
+    out = jitted(prefill_attention, q, layer, start, implementation="pallas_triton", block_k=16, **args)
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
     assert relative_error(out, ref) < 1e-2

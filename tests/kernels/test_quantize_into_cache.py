@@ -273,7 +273,7 @@ def test_kernel_stores_the_cpu_reference_bytes_for_ties_and_non_finite_values(fm
     new = _awkward_values(7, batch, tokens, head_dim).astype(dtype)
     stored = empty_tensor(fmt, (batch, KV_HEADS, capacity, head_dim))  # global scale 1.0
     start = jnp.array([0, 5])
-    got = _bytes(quantize_into_cache(new, stored, start, implementation="pallas_triton"))
+    got = _bytes(_write(new, stored, start, implementation="pallas_triton"))
     want = _written_one_by_one(stored, new, np.asarray(start), np.full(batch, tokens), False)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
