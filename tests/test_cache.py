@@ -27,6 +27,10 @@ TINY = ModelConfig(
 )
 
 
+# One compile a chunk shape, not one an op: eager writes dominate these small tests.
+_update = jax.jit(C.update)
+
+
 def _kv(key, batch, tokens):
     return jax.random.normal(jax.random.key(key), (batch, tokens, TINY.num_kv_heads, TINY.head_dim))
 
@@ -35,9 +39,8 @@ def _kv(key, batch, tokens):
 def test_write_then_read_matches_quantized_values_at_each_sequence_length(fmt):
     cache = C.init_cache(TINY, batch_size=2, max_len=8, cache_dtype=fmt)
     first, second = _kv(0, 2, 3), _kv(1, 2, 2)
-    update = jax.jit(C.update)  # one compile a chunk shape, not one an op
-    cache = update(cache, [first] * 2, [first] * 2, num_tokens=jnp.array([3, 1]))
-    cache = update(cache, [second] * 2, [-second] * 2)
+    cache = _update(cache, [first] * 2, [first] * 2, num_tokens=jnp.array([3, 1]))
+    cache = _update(cache, [second] * 2, [-second] * 2)
     np.testing.assert_array_equal(cache.lengths, [5, 3])
 
     k, v, positions = jax.jit(C.read_layer, static_argnums=1)(cache, 1)
@@ -186,11 +189,11 @@ def test_rotation_needs_a_power_of_two_head_dim():
 
 
 def test_kept_buffers_hold_the_first_and_the_newest_positions_in_bf16():
-    cache = C.init_cache("smollm2-135m", 2, 32, "fp4_e2m1", keep_first=2, keep_recent=3)
-    x = jax.random.normal(jax.random.key(3), (2, 9, 3, 64))
-    cache = C.update(cache, [x[:, :5]] * 30, [2 * x[:, :5]] * 30, num_tokens=np.array([5, 4]))
-    cache = C.update(cache, [x[:, 5:]] * 30, [2 * x[:, 5:]] * 30, num_tokens=np.array([4, 1]))
-    kept = np.asarray(cache.layers[0].kept_k, np.float32)  # [B, Hkv, 2 + 3, D]
+    cache = C.init_cache(TINY, 2, 32, "fp4_e2m1", keep_first=2, keep_recent=3)
+    x = _kv(3, 2, 9)
+    cache = _update(cache, [x[:, :5]] * 2, [2 * x[:, :5]] * 2, num_tokens=np.array([5, 4]))
+    cache = _update(cache, [x[:, 5:]] * 2, [2 * x[:, 5:]] * 2, num_tokens=np.array([4, 1]))
+    kept = np.asarray(cache.layers[1].kept_k, np.float32)  # [B, Hkv, 2 + 3, D]
     expected = np.asarray(x.astype(jnp.bfloat16), np.float32).transpose(0, 2, 1, 3)
     # Sequence 0 holds positions 0..8: first 0, 1; ring slots 2 + p % 3 for p = 6, 7, 8.
     for slot, position in [(0, 0), (1, 1), (2, 6), (3, 7), (4, 8)]:
@@ -237,10 +240,10 @@ def test_centered_keys_and_values_read_back_as_written_and_leave_attention_witho
 def test_the_mean_key_is_the_first_chunks_and_centering_cuts_the_fp4_key_error():
     k = _kv(8, 1, 8) * 0.3 + jnp.linspace(-4.0, 4.0, TINY.head_dim)  # channels offset far from 0
     centered = C.init_cache(TINY, 1, 8, "nvfp4", center_keys=True)
-    centered = C.update(centered, [k[:, :5]] * 2, [k[:, :5]] * 2)
-    centered = C.update(centered, [k[:, 5:]] * 2, [k[:, 5:]] * 2)
+    centered = _update(centered, [k[:, :5]] * 2, [k[:, :5]] * 2)
+    centered = _update(centered, [k[:, 5:]] * 2, [k[:, 5:]] * 2)
     np.testing.assert_allclose(centered.layers[0].key_mean[0], k[0, :5].mean(axis=0), atol=1e-6)
-    plain = C.update(C.init_cache(TINY, 1, 8, "nvfp4"), [k] * 2, [k] * 2)
+    plain = _update(C.init_cache(TINY, 1, 8, "nvfp4"), [k] * 2, [k] * 2)
     written = k.swapaxes(1, 2)
     error = lambda cache: float(jnp.linalg.norm(C.read_layer(cache, 1)[0] - written))
     assert error(centered) < 0.5 * error(plain)

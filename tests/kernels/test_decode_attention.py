@@ -79,11 +79,18 @@ def test_mosaic_kernel_matches_reference(fmt, heads, kv_heads, head_dim, lengths
     assert relative_error(out, ref) < 1e-2
 
 
+def _empty_cache(fmt, head_dim, max_len):
+    """An empty one-layer cache of 4 query heads over 2 KV heads, and a q of zeros:
+    enough for the checks that refuse before any work."""
+    cache = C.init_cache(one_layer_config(4, 2, head_dim), 1, max_len, fmt)
+    return cache, jnp.zeros((1, 4, head_dim), jnp.bfloat16)
+
+
 def test_mosaic_kernel_refuses_what_it_does_not_handle():
-    cache, q = _filled_cache(2, "fp8_e4m3", 4, 2, 64, [3], 64)
+    cache, q = _empty_cache("fp8_e4m3", 64, 64)
     with pytest.raises(ValueError, match="'pallas_mosaic' handles nvfp4_search_b8, fp4_e2m1, nvfp4, nvfp4_4over6, nvfp4_search, mxfp4, not 'fp8_e4m3'; use 'pallas_triton'"):
         decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
-    cache, q = _filled_cache(2, "nvfp4", 4, 2, 64, [3], 48)
+    cache, q = _empty_cache("nvfp4", 64, 48)
     with pytest.raises(ValueError, match="capacity that is a multiple of 64, got 48"):
         decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
 
@@ -200,7 +207,7 @@ def test_warp_kernel_matches_reference_on_gpu(fmt, heads, kv_heads, head_dim, le
 def test_warp_kernel_leaves_blocks_of_8_to_the_other_kernels():
     # A warp lane's 16 value columns need one block scale; decode_attention's GPU default
     # then falls back to pallas_triton.
-    cache, _ = _filled_cache(3, "nvfp4_search_b8", 4, 2, 128, [5], 64)
+    cache, _ = _empty_cache("nvfp4_search_b8", 128, 64)
     with pytest.raises(ValueError, match="'pallas_mosaic_warp' handles .*, not 'nvfp4_search_b8'"):
         pallas_mosaic_warp.check_supported(cache.layers[0].k, group=2)
 
@@ -214,7 +221,7 @@ def test_warp_kernel_reads_a_ring_buffer_layer():
 
 
 def test_warp_kernel_refuses_to_run_without_a_gpu():
-    cache, q = _filled_cache(2, "nvfp4", 4, 2, 64, [3], 64)
+    cache, q = _empty_cache("nvfp4", 64, 64)
     with jax.default_device(jax.devices("cpu")[0]):
         with pytest.raises(ValueError, match="'pallas_mosaic_warp' runs on GPUs only"):
             decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic_warp")

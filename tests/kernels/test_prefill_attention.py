@@ -101,11 +101,19 @@ def test_mosaic_kernel_matches_reference(fmt, heads, kv_heads, head_dim, prefix,
     assert relative_error(out, ref) < 1e-2
 
 
+def _empty_layer(fmt, capacity):
+    """An empty one-layer cache of 8 query heads over 2 KV heads of 64, and a 4-token
+    chunk's q, k, v of zeros: enough for the checks that refuse before any work."""
+    layer = C.init_cache(one_layer_config(8, 2, 64), 1, capacity, fmt).layers[0]
+    k = jnp.zeros((1, 4, 2, 64))
+    return layer, jnp.array([3]), jnp.zeros((1, 4, 8, 64), jnp.bfloat16), k, k
+
+
 def test_mosaic_kernel_refuses_what_it_does_not_handle():
-    layer, start, q, k, v = _chunk_after_prefix(2, "fp8_e4m3", 8, 2, 64, [3], 4, capacity=128)
+    layer, start, q, k, v = _empty_layer("fp8_e4m3", 128)
     with pytest.raises(ValueError, match="'pallas_mosaic' handles nvfp4_search_b8, fp4_e2m1, nvfp4, nvfp4_4over6, nvfp4_search, mxfp4, not 'fp8_e4m3'"):
         prefill_attention(q, layer, start, implementation="pallas_mosaic")
-    layer, start, q, k, v = _chunk_after_prefix(2, "nvfp4", 8, 2, 64, [3], 4, capacity=128)
+    layer, start, q, k, v = _empty_layer("nvfp4", 128)
     with pytest.raises(ValueError, match="'pallas_mosaic' attends to the chunk as stored"):
         prefill_attention(q, layer, start, chunk_k=k, chunk_v=v, implementation="pallas_mosaic")
     with pytest.raises(ValueError, match="block_k: 'pallas_mosaic' takes 64 or 128, got 32"):
@@ -114,7 +122,7 @@ def test_mosaic_kernel_refuses_what_it_does_not_handle():
         prefill_attention(q, layer, start, implementation="pallas_mosaic", feed_warpgroup=True)
     with pytest.raises(ValueError, match="compute_warpgroups: 1, or 2 for an even GQA group with a feed warpgroup"):
         prefill_attention(q, layer, start, implementation="pallas_mosaic", compute_warpgroups=2)
-    odd, start, q, _, _ = _chunk_after_prefix(2, "nvfp4", 8, 2, 64, [3], 4, capacity=100)
+    odd, start, q, _, _ = _empty_layer("nvfp4", 100)
     with pytest.raises(ValueError, match="'pallas_mosaic' needs a cache capacity that is a multiple of 128"):
         prefill_attention(q, odd, start, implementation="pallas_mosaic")
 
