@@ -1,7 +1,19 @@
-"""Shared test set-up: CPU by default, and a `gpu` marker that skips without a GPU."""
+"""Shared test set-up: CPU by default, a `gpu` marker that skips without a GPU, and
+XLA's cheapest backend optimization."""
 
-import jax
-import pytest
+import os
+
+# Compiling dominates this suite (interpret-mode kernels, 30-layer models) and little of
+# it runs long, so XLA's backend skips its optimization passes: the suite takes about a
+# quarter less time (GPU kernels too compile so under pytest; no test is timed, and
+# benchmarks/ run without it). Set before JAX creates a backend, which reads XLA_FLAGS
+# once; notebooks run by nbmake inherit it.
+os.environ["XLA_FLAGS"] = " ".join(
+    filter(None, (os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"))
+)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 def _has_gpu() -> bool:
