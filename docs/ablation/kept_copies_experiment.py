@@ -14,9 +14,8 @@ copies are simulated in `fp4kv ablate`'s one-pass scoring:
 
 Every row that keeps positions is changed so, in every prefill pass (the scored
 windows and the greedy prompts); the greedy continuations' decode steps still read bf16
-copies of K and V. The
-bits/elem and bytes columns still count bf16 copies of K and V; docs/ablation/README.md
-gives the true figures.
+copies of K and V. The bits/elem and bytes columns still count bf16 copies of K and V;
+docs/ablation/README.md gives the true figures.
 """
 
 from __future__ import annotations
