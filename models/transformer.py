@@ -156,3 +156,11 @@ class CausalLM(nnx.Module):
         if cache is None:
             return logits
         return logits, kv_cache.advance(cache, chunk if num_tokens is None else num_tokens)
+
+
+@nnx.jit
+def forward_with_cache(model: CausalLM, input_ids, cache: kv_cache.KVCache):
+    """`model(input_ids, cache=cache)` compiled once a chunk shape: for stepping a model
+    through its cache outside `generate` (notebooks, tests), where eager calls would
+    compile op by op. Returns (logits, new cache)."""
+    return model(input_ids, cache=cache)

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from fp4kv_jax.ablate import (
     AblationSettings,
@@ -29,6 +28,7 @@ from fp4kv_jax.ablate import (
 from fp4kv_jax.memory import kv_cache_bytes_per_token, max_cache_tokens
 from fp4kv_jax.recipes import recipe_from_name
 from fp4kv_jax.models import from_pretrained
+from fp4kv_jax.models.transformer import forward_with_cache
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ROWS = ["bf16", "fp8_e4m3", "fp4_e2m1", "fp4_e2m1+keys_only"]
@@ -88,11 +88,10 @@ def test_one_pass_window_score_equals_token_by_token_decode_through_the_same_cac
     recipe = recipe_from_name(row)
     scored = np.asarray(score_window(llama, input_ids, recipe).nll[0])
 
-    decode_step = nnx.jit(lambda model, token, cache: model(token, cache=cache))
     cache = recipe.build_cache(llama, 1, length)
     decoded = []
     for t in range(length - 1):
-        logits, cache = decode_step(llama, input_ids[:, t : t + 1], cache)
+        logits, cache = forward_with_cache(llama, input_ids[:, t : t + 1], cache)
         decoded.append(-jax.nn.log_softmax(logits[0, 0])[input_ids[0, t + 1]])
     np.testing.assert_allclose(scored, decoded, rtol=1e-5, atol=1e-5)
 

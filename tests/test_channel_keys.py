@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from fp4kv_jax import cache as C
 from fp4kv_jax import channel_keys, dequantize, quantize
 from fp4kv_jax.ablate import score_window
 from fp4kv_jax.formats import QuantizedTensor
 from fp4kv_jax.models import from_pretrained
+from fp4kv_jax.models.transformer import forward_with_cache
 from fp4kv_jax.recipes import recipe_from_name
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -65,7 +65,7 @@ def test_positions_inside_the_window_are_read_in_bf16_and_older_ones_per_channel
     np.testing.assert_allclose(scored[:16], bf16[:16], atol=1e-6)
     assert np.abs(scored - bf16)[16:].max() > 1e-3
     cache = recipe_from_name("nvfp4+channel_keys+recent=16").build_cache(llama, 1, 30)
-    _, cache = nnx.jit(lambda model, ids, cache: model(ids, cache=cache))(llama, input_ids, cache)
+    _, cache = forward_with_cache(llama, input_ids, cache)
     keys, _, _ = C.read_layer(cache, 0)
     assert bool(jnp.all(jnp.isfinite(keys)))
 
