@@ -201,13 +201,3 @@ def refuse_per_channel_keys(layer, implementation: str) -> None:
             f"implementation: {implementation!r} does not read per-channel key scales "
             "(per_channel_keys); use 'reference'."
         )
-
-
-def refuse_kept_positions(layer, implementation: str) -> None:
-    """The Pallas kernels read only the stored formats: refuse a layer keeping
-    positions in full precision, naming the implementation."""
-    if layer.keeps_positions:
-        raise ValueError(
-            f"implementation: {implementation!r} does not read the full-precision positions a "
-            "layer keeps (keep_first, keep_recent); use 'reference'."
-        )

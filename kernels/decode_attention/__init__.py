@@ -57,8 +57,7 @@ def decode_attention(
       sinks: float [Hq] learned sink logits that join the softmax denominator only.
       sm_scale: softmax scale; default 1 / sqrt(D).
       implementation: one of IMPLEMENTATIONS, or None for the default above. Layers
-        keeping positions are read by "reference" and "pallas_triton" (the default on
-        GPU), unless their keys have per-channel scales (the reference only).
+        whose keys have per-channel scales are read by the reference only.
       **tuning: passed to the Pallas implementation (num_splits for all; block_k and
         num_stages for pallas_triton and pallas_mosaic, num_warps for pallas_triton;
         block, prefetch and warpgroups for pallas_mosaic_warp).
@@ -74,12 +73,11 @@ def decode_attention(
     batch, num_heads, head_dim = _check(q, layer, lengths, sinks)
     if implementation != "reference":
         tiles.refuse_per_channel_keys(layer, implementation)
-    if implementation not in ("reference", "pallas_triton"):
-        tiles.refuse_kept_positions(layer, implementation)
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     if layer.keys_rotated:
         q = hadamard_rotate(q)  # scores are unchanged: (q H) . (k H) = q . k
     args = dict(sm_scale=sm_scale, window=layer.window, ring=layer.ring, sinks=sinks)
+    kept = layer if layer.keeps_positions else None
     if implementation == "reference":
         if tuning:
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
@@ -98,17 +96,16 @@ def decode_attention(
             raise ValueError(
                 "implementation: 'pallas_mosaic_warp' runs on GPUs only (inline PTX, no interpret mode)."
             )
-        out = pallas_mosaic_warp.decode_attention(q, layer.k, layer.v, lengths, **args, **tuning)
+        out = pallas_mosaic_warp.decode_attention(q, layer.k, layer.v, lengths, kept=kept, **args, **tuning)
     elif implementation == "pallas_mosaic":
         tiles.check_one_format(layer.k, layer.v, arg="layer")
         interpret = not tiles.on_gpu()
         out = pallas_mosaic.decode_attention(
-            q, layer.k, layer.v, lengths, interpret=interpret, **args, **tuning
+            q, layer.k, layer.v, lengths, interpret=interpret, kept=kept, **args, **tuning
         )
     else:
         tiles.check_one_format(layer.k, layer.v, arg="layer")
         interpret = tiles.interpret_mode(layer.k, layer.v, arg="layer")
-        kept = layer if layer.keeps_positions else None
         out = pallas_triton.decode_attention(
             q, layer.k, layer.v, lengths, interpret=interpret, kept=kept, **args, **tuning
         )
@@ -117,7 +114,7 @@ def decode_attention(
 
 def _default_implementation(q, layer: LayerCache) -> str:
     implementation = tiles.default_attention_implementation(layer)
-    if implementation == "pallas_triton" and not layer.keeps_positions:
+    if implementation == "pallas_triton":
         try:
             pallas_mosaic_warp.check_supported(layer.k, q.shape[1] // layer.k.shape[1])
         except ValueError:

@@ -32,9 +32,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.formats import QuantizedTensor, get_codec
 from fp4kv_jax.kernels import mosaic_tiles, tiles
-from fp4kv_jax.kernels.decode_attention import splits
+from fp4kv_jax.kernels.decode_attention import kept_positions, splits
 
 SUPPORTED_FORMATS = splits.PACKED_FP4_FORMATS
 
@@ -51,7 +52,7 @@ def _kernel(
     lengths_ref, q_ref, k_data_ref, k_scales_ref, v_data_ref, v_scales_ref,
     o_ref, m_ref, l_ref,
     q_smem, k_data_smem, k_scales_smem, v_data_smem, v_scales_smem, q_barrier, barriers,
-    *, decode, block_k, chunk, capacity, window, ring, num_stages,
+    *, decode, block_k, chunk, capacity, window, ring, skip_first, skip_recent, num_stages,
 ):
     batch = lax.axis_index("batch")
     head = lax.axis_index("kv_head")
@@ -63,6 +64,9 @@ def _kernel(
     hi = jnp.minimum(jnp.minimum(lo + chunk, capacity), length)
     if window is not None and not ring:
         lo = jnp.maximum(lo, length - window)
+    # A layer's full-precision positions (the first and the newest) are attended outside.
+    lo = jnp.maximum(lo, skip_first)
+    hi = jnp.minimum(hi, length - skip_recent)
     first = lo // block_k
     last = jnp.where(hi > lo, pl.cdiv(hi, block_k), first)
 
@@ -179,12 +183,18 @@ def decode_attention(
     window: int | None,
     ring: bool,
     sinks: jax.Array | None,
+    kept: LayerCache | None = None,
     block_k: int = 64,
     num_splits: int | None = None,
     num_stages: int = 2,
     interpret: bool = False,
 ) -> jax.Array:
-    """q [B, Hq, D]; k, v packed FP4 [B, Hkv, S, D]; lengths int32 [B] -> [B, Hq, D] in q's dtype."""
+    """q [B, Hq, D]; k, v packed FP4 [B, Hkv, S, D]; lengths int32 [B] -> [B, Hq, D] in q's dtype.
+
+    kept: the layer, when it keeps positions in full precision (`LayerCache.kept_k`):
+      the kernel skips them and they join the merge as one more split
+      (`kept_positions`).
+    """
     codec = get_codec(k.fmt)
     batch, num_heads, head_dim = q.shape
     kv_heads, capacity = k.shape[1], k.shape[2]
@@ -203,7 +213,8 @@ def decode_attention(
     packed = (block_k, head_dim // 2)
     kernel = functools.partial(
         _kernel, decode=decode, block_k=block_k, chunk=chunk, capacity=capacity,
-        window=window, ring=ring, num_stages=num_stages,
+        window=window, ring=ring, skip_first=0 if kept is None else kept.keep_first,
+        skip_recent=0 if kept is None else kept.keep_recent, num_stages=num_stages,
     )
     stage = lambda shape: plgpu.SMEM((num_stages, *shape), jnp.uint8)
     out, peak, total = plgpu.kernel(
@@ -232,4 +243,9 @@ def decode_attention(
     )
     # O^T [D, N] -> [1 plane, N, D], the layout the split merge takes.
     out = jnp.swapaxes(out, -1, -2)[:, :, :, None]
+    if kept is not None:
+        kept_split = kept_positions.kept_state(
+            q, kept, lengths, sm_scale=sm_scale, rows=head_rows, num_planes=1, value_factor=tiles.plane_factor(v)
+        )
+        out, peak, total = (jnp.concatenate(pair, axis=2) for pair in zip((out, peak, total), kept_split))
     return (splits.merge(out, peak, total, sinks, group) * tiles.plane_factor(v)).astype(q.dtype)

@@ -20,7 +20,9 @@ reduction. Per block a warp
      O^T [D, heads] += V^T P^T.
 At the end the W warps merge their states in shared memory. With one split the
 program then writes the normalized output itself (the sinks join its denominator);
-with more, the splits' states are merged in XLA with the sinks (`splits.merge`).
+with more, or over a layer keeping positions in full precision (which the kernel
+skips: `kept_positions` attends to them as one more split), the splits' states are
+merged in XLA with the sinks (`splits.merge`).
 
 Which lane reads and decodes what is the layer layout's (`warp_operands`: packed FP4,
 FP8 with f16 operands, bf16 and fp16); the lane holds output channels (D/8) g + 2c + r
@@ -45,7 +47,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fp4kv_jax.formats import QuantizedTensor, format_names, get_codec
 from fp4kv_jax.kernels import tiles
-from fp4kv_jax.kernels.decode_attention import splits
+from fp4kv_jax.cache import LayerCache
+from fp4kv_jax.kernels.decode_attention import kept_positions, splits
 from fp4kv_jax.kernels.decode_attention.warp_emitter import Emitter
 from fp4kv_jax.kernels.decode_attention.warp_operands import operands_for
 
@@ -85,10 +88,11 @@ def check_supported(k: QuantizedTensor, group: int, block: int | None = None) ->
 
 
 def _emit(refs, *, codec, head_dim, group, head_tiles, block, tensor_arrays, chunk, capacity, window, ring,
-          prefetch, kv_heads, num_splits, warps, sink_operand, out_dtype, sm_scale):
+          skip_first, skip_recent, prefetch, kv_heads, num_splits, final, warps, sink_operand, out_dtype, sm_scale):
     """The kernel body for one thread (see the module docstring); refs are the
     kernel's operands, outputs and shared scratch in `decode_attention`'s order, K and
-    V as `tensor_arrays` arrays each."""
+    V as `tensor_arrays` arrays each. `final`: the program writes the normalized
+    output (one split, no kept positions), else its softmax state."""
     lengths, q_ref, k_global, v_global, *refs = refs
     k_refs, v_refs, refs = refs[:tensor_arrays], refs[tensor_arrays : 2 * tensor_arrays], refs[2 * tensor_arrays :]
     sink_ref = refs.pop(0) if sink_operand else None  # with one split only
@@ -115,6 +119,11 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, block, tensor_arrays, chu
     hi = arith.minsi(arith.minsi(arith.addi(lo, c(chunk)), c(capacity)), length)
     if window is not None and not ring:
         lo = arith.maxsi(lo, arith.subi(length, c(window)))
+    # A layer's full-precision positions (the first and the newest) are attended outside.
+    if skip_first:
+        lo = arith.maxsi(lo, c(skip_first))
+    if skip_recent:
+        hi = arith.minsi(hi, arith.subi(length, c(skip_recent)))
     first = arith.divsi(lo, c(block))
     nonempty = arith.cmpi(arith.CmpIPredicate.sgt, hi, lo)
     last = arith.select(nonempty, arith.divsi(arith.addi(hi, c(block - 1)), c(block)), first)
@@ -320,7 +329,7 @@ def _emit(refs, *, codec, head_dim, group, head_tiles, block, tensor_arrays, chu
             at = arith.addi(o_at, arith.muli(arith.addi(arith.muli(arith.addi(c(w * rows), r), c(D)), column0), c(4)))
             parts = [x for part in range(per_thread // 4) for x in e.load_shared(arith.addi(at, c(16 * part)), 4)]
             merged = [arith.addf(acc, arith.mulf(wt, x)) for acc, x in zip(merged, parts)]
-        if num_splits == 1:
+        if final:
             _store_output(e, outputs, merged, total, sink, best, v_global, codec, batch, head,
                           r, column0, group=group, kv_heads=kv_heads, head_dim=D, out_dtype=out_dtype)
         else:
@@ -378,6 +387,7 @@ def decode_attention(
     window: int | None,
     ring: bool,
     sinks: jax.Array | None,
+    kept: LayerCache | None = None,
     num_splits: int | None = None,
     prefetch: int = 1,
     warpgroups: int | None = None,
@@ -392,6 +402,9 @@ def decode_attention(
       default. A program of 4 fills an SM, so with a batch of B Hkv >= the SM count
       the packed FP4 default needs no split and no merge outside the kernel.
     block: 16 or 32 positions a warp takes at a time; None: the layout's default.
+    kept: the layer, when it keeps positions in full precision (`LayerCache.kept_k`):
+      the kernel skips them and they join the merge as one more split
+      (`kept_positions`), so the kernel always leaves its states to that merge.
     (The defaults are the fastest at the target shape, docs/benchmarks.md.)
     """
     codec = get_codec(k.fmt)
@@ -411,7 +424,7 @@ def decode_attention(
     rows = 8 * head_tiles
     resident = splits.DEFAULT_SMS * max(1, RESIDENT_WARPS // warps)
     chunk, num_split_programs = splits.plan_waves(batch, kv_heads, capacity, block, warps, resident, num_splits)
-    final = num_split_programs == 1
+    final = num_split_programs == 1 and kept is None
     out_dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
 
     tensor_arrays = layout.arrays(k)
@@ -420,8 +433,10 @@ def decode_attention(
         emit = plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))(
             lambda ctx, *refs: _emit(
                 refs, codec=codec, head_dim=head_dim, group=group, head_tiles=head_tiles, block=block,
-                tensor_arrays=len(tensor_arrays), chunk=chunk, capacity=capacity, window=window, ring=ring, prefetch=prefetch, kv_heads=kv_heads,
-                num_splits=num_split_programs, warps=warps, sink_operand=final and sinks is not None,
+                tensor_arrays=len(tensor_arrays), chunk=chunk, capacity=capacity, window=window, ring=ring,
+                skip_first=0 if kept is None else kept.keep_first, skip_recent=0 if kept is None else kept.keep_recent,
+                prefetch=prefetch, kv_heads=kv_heads,
+                num_splits=num_split_programs, final=final, warps=warps, sink_operand=final and sinks is not None,
                 out_dtype=out_dtype, sm_scale=sm_scale,
             )
         )
@@ -457,5 +472,11 @@ def decode_attention(
     if final:
         return result.astype(q.dtype)
     out, peak, total = result
-    merged = splits.merge(out[:, :, :, None], peak, total, sinks, group)
+    out = out[:, :, :, None]  # one plane
+    if kept is not None:
+        kept_split = kept_positions.kept_state(
+            q, kept, lengths, sm_scale=sm_scale, rows=rows, num_planes=1, value_factor=tiles.plane_factor(v)
+        )
+        out, peak, total = (jnp.concatenate(pair, axis=2) for pair in zip((out, peak, total), kept_split))
+    merged = splits.merge(out, peak, total, sinks, group)
     return (merged * tiles.plane_factor(v)).astype(q.dtype)

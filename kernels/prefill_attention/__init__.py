@@ -18,7 +18,8 @@ Implementations:
   "pallas_mosaic"  the same for packed FP4 caches on Hopper (Mosaic GPU lowering: TMA,
                    wgmma, a warpgroup decoding the cache for two computing ones); on
                    CPU it runs in Mosaic GPU interpret mode with one warpgroup. It
-                   attends to the chunk as stored, in layers without kept positions.
+                   attends to the chunk as stored; over a layer keeping positions it
+                   skips them, and XLA attends to them and merges (`kept_positions`).
 The default on GPU is "pallas_mosaic" where it applies and "pallas_triton" otherwise
 (for buffers its 32-bit offsets can address); "reference" elsewhere.
 """
@@ -96,6 +97,7 @@ def prefill_attention(
     if implementation != "reference":
         tiles.refuse_per_channel_keys(layer, implementation)
         tiles.check_one_format(layer.k, layer.v, arg="layer")
+    kept_args = dict(zip(("full_k", "full_v", "keep_first", "keep_recent"), kept)) if kept else {}
     if implementation == "reference":
         if tuning:
             raise ValueError(f"tuning: the reference takes none, got {sorted(tuning)}.")
@@ -103,7 +105,6 @@ def prefill_attention(
             q, layer.k, layer.v, start, kept=kept, keys_per_channel=layer.keys_per_channel, **args
         )
     elif implementation == "pallas_mosaic":
-        tiles.refuse_kept_positions(layer, implementation)
         if chunk_k is not None or layer.ring:
             raise ValueError(
                 "implementation: 'pallas_mosaic' attends to the chunk as stored in a layer that is "
@@ -111,11 +112,10 @@ def prefill_attention(
             )
         out = pallas_mosaic.prefill_attention(
             q, layer.k, layer.v, start, sm_scale=sm_scale, window=layer.window, sinks=sinks,
-            interpret=not tiles.on_gpu(), **tuning,
+            interpret=not tiles.on_gpu(), **kept_args, **tuning,
         )
     else:
         interpret = tiles.interpret_mode(layer.k, layer.v, arg="layer")
-        kept_args = dict(zip(("full_k", "full_v", "keep_first", "keep_recent"), kept)) if kept else {}
         out = pallas_triton.prefill_attention(
             q, layer.k, layer.v, start, interpret=interpret, **args, **kept_args, **tuning
         )
@@ -124,7 +124,7 @@ def prefill_attention(
 
 def _default_implementation(q, layer: LayerCache, chunk_k) -> str:
     implementation = tiles.default_attention_implementation(layer)
-    if implementation != "pallas_triton" or layer.keeps_positions or layer.ring or chunk_k is not None:
+    if implementation != "pallas_triton" or layer.ring or chunk_k is not None:
         return implementation
     try:
         pallas_mosaic.check_supported(layer.k, q.shape[2] // layer.k.shape[1])

@@ -43,6 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from fp4kv_jax.formats import QuantizedTensor, get_codec
 from fp4kv_jax.kernels import mosaic_tiles, tiles
 from fp4kv_jax.kernels.decode_attention import splits
+from fp4kv_jax.kernels.prefill_attention import kept_positions
 
 SUPPORTED_FORMATS = splits.PACKED_FP4_FORMATS
 BLOCK_T = 64  # chunk positions a program takes: wgmma's M
@@ -73,9 +74,11 @@ class _Item(NamedTuple):
     whole_hi: jax.Array
 
 
-def _work_item(start_ref, index, *, head_groups, batch_size, num_blocks, chunk, block_k, window) -> _Item:
+def _work_item(start_ref, index, *, head_groups, batch_size, num_blocks, chunk, block_k, window, skip_first,
+               skip_recent) -> _Item:
     """Item `index` of the longest-first order: query blocks from the last (which
-    attends to the most positions) to the first, each over every head group and sequence."""
+    attends to the most positions) to the first, each over every head group and sequence.
+    A query at i attends to the stored positions skip_first <= p <= i - skip_recent."""
     per_block = head_groups * batch_size
     q_block = num_blocks - 1 - lax.div(index, per_block)
     batch = lax.div(lax.rem(index, per_block), head_groups)
@@ -84,28 +87,40 @@ def _work_item(start_ref, index, *, head_groups, batch_size, num_blocks, chunk, 
     first = start + q_block * BLOCK_T
     limit = start + chunk
     last = jnp.minimum(first + BLOCK_T, limit)  # one past the block's last real query
-    lo = 0 if window is None else jnp.maximum(first - window + 1, 0) // block_k
-    hi = pl.cdiv(last, block_k)
-    # Blocks every row sees whole: past the window's edge for the last row, before the
-    # diagonal for the first and inside the written positions.
-    whole_lo = lo if window is None else pl.cdiv(jnp.maximum(first + BLOCK_T - window, 0), block_k)
+    lo = skip_first // block_k
+    if window is not None:
+        lo = jnp.maximum(jnp.maximum(first - window + 1, 0) // block_k, lo)
+    hi = jnp.maximum(pl.cdiv(jnp.maximum(last - skip_recent, 0), block_k), lo)
+    # Blocks every row sees whole: past the window's edge for the last row and the
+    # first skipped positions, before the (shifted) diagonal for the first row and
+    # inside the written positions.
+    whole_lo = pl.cdiv(skip_first, block_k)
+    if window is not None:
+        whole_lo = jnp.maximum(pl.cdiv(jnp.maximum(first + BLOCK_T - window, 0), block_k), whole_lo)
     whole_lo = jnp.clip(whole_lo, lo, hi)
-    whole_hi = jnp.clip(jnp.minimum(first + 1, limit) // block_k, whole_lo, hi)
+    whole_hi = jnp.clip((jnp.minimum(first + 1, limit) - skip_recent) // block_k, whole_lo, hi)
     return _Item(batch, head_group, start, first, limit, jnp.asarray(lo), hi, whole_lo, whole_hi)
 
 
 def _kernel(
     start_ref, q_ref, sinks_ref, q_scale_ref, out_scale_ref, k_data_ref, k_scales_ref, v_data_ref, v_scales_ref,
-    o_ref,
-    q_smem, k_data_smem, k_scales_smem, v_data_smem, v_scales_smem, k_tiles, v_tiles,
-    q_barriers, staged, k_ready, v_ready, k_free, v_free, schedule,
-    *, decode, feed_warpgroup, ping_pong, compute_warpgroups, chunk, block_k, window, items, programs,
+    *refs, decode, feed_warpgroup, ping_pong, compute_warpgroups, chunk, block_k, window, skip_first, skip_recent,
+    items, programs,
 ):
+    """refs: the output (and with skipped positions its log-sum-exp), then the scratch
+    (q_smem ... schedule, and with skipped positions lse_smem)."""
+    if skip_first or skip_recent:
+        o_ref, lse_ref, *refs, lse_smem = refs
+    else:
+        (o_ref, *refs), lse_ref, lse_smem = refs, None, None
+    (q_smem, k_data_smem, k_scales_smem, v_data_smem, v_scales_smem, k_tiles, v_tiles,
+     q_barriers, staged, k_ready, v_ready, k_free, v_free, schedule) = refs
     num_stages = k_data_smem.shape[0]
     group = q_ref.shape[2] // k_data_ref.shape[1]
     work_item = functools.partial(
         _work_item, start_ref, head_groups=q_ref.shape[2] // compute_warpgroups, batch_size=q_ref.shape[0],
-        num_blocks=pl.cdiv(chunk, BLOCK_T), chunk=chunk, block_k=block_k, window=window,
+        num_blocks=pl.cdiv(chunk, BLOCK_T), chunk=chunk, block_k=block_k, window=window, skip_first=skip_first,
+        skip_recent=skip_recent,
     )
     # Program p takes items p, 2P - 1 - p, 2P + p, ...: a snake over the longest-first
     # order, so that each program's total is close to the others'.
@@ -189,7 +204,9 @@ def _kernel(
                 shape = (BLOCK_T, block_k)
                 queries = item.first + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
                 keys = block * block_k + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-                visible = (keys <= queries) & (keys < item.limit)
+                visible = (keys <= queries - skip_recent) & (keys < item.limit)
+                if skip_first:
+                    visible &= keys >= skip_first
                 if window is not None:
                     visible &= keys > queries - window
                 scores = jnp.where(visible, scores, tiles.MASKED)
@@ -231,10 +248,16 @@ def _kernel(
         rescale = jnp.exp2(peak - best)
         denominator = total * rescale + jnp.exp2(sink - best)
         factor = rescale * out_scale_ref[0] / denominator
+        if lse_smem is not None:
+            # A row that attends to no stored position keeps its peak at MASKED, so its
+            # log-sum-exp stays near MASKED and its output weighs nothing in the merge.
+            lse_smem.at[lane][...] = best + jnp.log(denominator) * _LOG2E
         plgpu.commit_smem()  # every warp's wgmma is done reading the queries
         my_q[...] = (out * lax.broadcast_in_dim(factor, out.shape, [0])).astype(jnp.bfloat16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(my_q, o_ref.at[item.batch, rows, head])
+        if lse_smem is not None:
+            plgpu.copy_smem_to_gmem(lse_smem.at[lane], lse_ref.at[item.batch, head, rows])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the next item's queries may overwrite it
         return count + item.hi - item.lo
 
@@ -308,8 +331,8 @@ def default_compute_warpgroups(group: int) -> int:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "sm_scale", "window", "block_k", "num_stages", "feed_warpgroup", "compute_warpgroups", "ping_pong",
-        "programs", "interpret",
+        "sm_scale", "window", "keep_first", "keep_recent", "block_k", "num_stages", "feed_warpgroup",
+        "compute_warpgroups", "ping_pong", "programs", "interpret",
     ),
 )
 def prefill_attention(
@@ -321,6 +344,10 @@ def prefill_attention(
     sm_scale: float,
     window: int | None,
     sinks: jax.Array | None,
+    full_k: jax.Array | None = None,
+    full_v: jax.Array | None = None,
+    keep_first: int = 0,
+    keep_recent: int = 0,
     block_k: int = 128,
     num_stages: int = 2,
     feed_warpgroup: bool | None = None,
@@ -331,6 +358,11 @@ def prefill_attention(
 ) -> jax.Array:
     """q [B, T, Hq, D]; k, v packed FP4 [B, Hkv, S, D] holding the chunk at positions
     start .. start + T - 1; start int32 [B] -> [B, T, Hq, D] in q's dtype.
+
+    full_k, full_v: for a layer keeping positions, float [B, Hkv, S, D] full-precision
+      values by position (`cache.kept_values`), read for positions p < keep_first and
+      p > i - keep_recent of a query at i: the kernel skips those positions and returns
+      its log-sum-exp, and `kept_positions` attends to them and merges the two.
 
     feed_warpgroup: whether a warpgroup of its own decodes the cache for the compute
       warpgroups (the default on the GPU), or one warpgroup decodes each block and then
@@ -372,8 +404,9 @@ def prefill_attention(
     # plane factor.
     qs = jnp.pad(q.astype(jnp.bfloat16), ((0, 0), (0, padded - chunk), (0, 0), (0, 0)))
     q_scale = jnp.reshape(sm_scale * _LOG2E * tiles.plane_factor(k), (1,)).astype(jnp.float32)
+    keeps = bool(keep_first or keep_recent)
     sink_logits = jnp.full((num_heads,), tiles.MASKED, jnp.float32)
-    if sinks is not None:
+    if sinks is not None and not keeps:  # with kept positions they join in `kept_positions.merge`
         sink_logits = sinks.astype(jnp.float32) * _LOG2E
     out_scale = jnp.reshape(tiles.plane_factor(v), (1,)).astype(jnp.float32)
 
@@ -386,13 +419,16 @@ def prefill_attention(
     )
     kernel = functools.partial(
         _kernel, decode=decode, feed_warpgroup=feed_warpgroup, ping_pong=bool(ping_pong) and compute_warpgroups == 2,
-        compute_warpgroups=compute_warpgroups, chunk=chunk, block_k=block_k, window=window, items=items,
-        programs=programs,
+        compute_warpgroups=compute_warpgroups, chunk=chunk, block_k=block_k, window=window, skip_first=keep_first,
+        skip_recent=keep_recent, items=items, programs=programs,
     )
     stages = lambda shape: plgpu.SMEM((num_stages, *shape), jnp.uint8)
-    out = plgpu.kernel(
+    out_type = jax.ShapeDtypeStruct((batch, padded, num_heads, head_dim), jnp.bfloat16)
+    lse_type = jax.ShapeDtypeStruct((batch, num_heads, padded), jnp.float32)  # base 2, seq minor for TMA
+    lse_scratch = (plgpu.SMEM((compute_warpgroups, BLOCK_T), jnp.float32),) if keeps else ()
+    result = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((batch, padded, num_heads, head_dim), jnp.bfloat16),
+        out_type=(out_type, lse_type) if keeps else out_type,
         scratch_types=(
             mosaic_tiles.swizzled_tiles(compute_warpgroups, BLOCK_T, head_dim),  # q, then the output
             stages(packed),
@@ -408,6 +444,7 @@ def prefill_attention(
             plgpu.Barrier(num_arrivals=compute_warpgroups, num_barriers=slots),
             plgpu.Barrier(num_arrivals=compute_warpgroups, num_barriers=slots),
             plgpu.Barrier(num_arrivals=compute_warpgroups),  # the ping-pong's turns
+            *lse_scratch,
         ),
         grid=(programs,),
         grid_names=("program",),
@@ -419,4 +456,10 @@ def prefill_attention(
         start.astype(jnp.int32), qs, sink_logits, q_scale, out_scale,
         k.data, mosaic_tiles.scale_rows(k.scales), v.data, mosaic_tiles.scale_rows(v.scales),
     )
-    return out[:, :chunk].astype(q.dtype)
+    if not keeps:
+        return result[:, :chunk].astype(q.dtype)
+    out, lse = result
+    kept = kept_positions.kept_state(q, full_k, full_v, start, keep_first=keep_first, keep_recent=keep_recent,
+                                     window=window, sm_scale=sm_scale)
+    stored_lse = lse[:, :, :chunk].transpose(0, 2, 1)
+    return kept_positions.merge(out[:, :chunk], stored_lse, kept, sinks).astype(q.dtype)

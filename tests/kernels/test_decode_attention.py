@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fp4kv_jax import cache as C
-from fp4kv_jax.kernels.decode_attention import decode_attention, pallas_mosaic_warp
+from fp4kv_jax.kernels.decode_attention import decode_attention, pallas_mosaic, pallas_mosaic_warp
 
 from attention_inputs import compiled_once, jitted, one_layer_config, realistic_keys, relative_error
 
@@ -274,12 +274,13 @@ KEPT_CASES = [
 
 
 @compiled_once
-def _kept_cache(fmt, keep_first, keep_recent, lengths, window, frame):
-    """A cache of 8 query heads over 2 KV heads of 64, 80 positions, keeping positions,
-    filled to `lengths`; `frame`: more init_cache options as (name, value) pairs.
+def _kept_cache(fmt, keep_first, keep_recent, lengths, window, frame, max_len=80):
+    """A cache of 8 query heads over 2 KV heads of 64, `max_len` positions, keeping
+    positions, filled to `lengths`; `frame`: more init_cache options as (name, value)
+    pairs.
 
     Returns (cache, q [B, 8, 64])."""
-    heads, kv_heads, head_dim, max_len = 8, 2, 64, 80
+    heads, kv_heads, head_dim = 8, 2, 64
     config = one_layer_config(heads, kv_heads, head_dim, window)
     keys = jax.random.split(jax.random.key(sum(lengths) + keep_first), 3)
     k = realistic_keys(keys[0], (len(lengths), max_len, kv_heads, head_dim))
@@ -328,11 +329,38 @@ def test_the_reference_reads_kept_positions_in_full_precision():
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=2e-5, atol=2e-6)
 
 
-def test_kernels_that_do_not_read_kept_positions_refuse_them():
+def test_pallas_kernels_refuse_per_channel_key_scales():
     q = jnp.zeros((2, 4, 64))
     cache = C.init_cache(one_layer_config(4, 2, 64, None), 2, 64, "nvfp4", keep_recent=16, per_channel_keys=True)
     with pytest.raises(ValueError, match="'pallas_triton' does not read per-channel key scales"):
         decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_triton")
-    cache = C.init_cache(one_layer_config(4, 2, 64, None), 2, 64, "nvfp4", keep_recent=16)
-    with pytest.raises(ValueError, match="'pallas_mosaic' does not read the full-precision positions"):
-        decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
+
+
+PACKED_KEPT_CASES = [case for case in KEPT_CASES if case[0] in pallas_mosaic.SUPPORTED_FORMATS]
+
+
+@pytest.mark.parametrize("fmt, keep_first, keep_recent, lengths, window, sinks, frame", PACKED_KEPT_CASES)
+def test_mosaic_kernel_reads_the_kept_positions_like_the_reference(fmt, keep_first, keep_recent, lengths, window,
+                                                                    sinks, frame):
+    cache, q = _kept_cache(fmt, keep_first, keep_recent, lengths, window, tuple(frame.items()), max_len=128)
+    sink_logits = jnp.linspace(-1.0, 2.0, 8) if sinks else None
+    layer = cache.layers[0]
+    ref = jitted(decode_attention, q, layer, cache.lengths, sinks=sink_logits, implementation="reference")
+    out = jitted(decode_attention, q, layer, cache.lengths, sinks=sink_logits, implementation="pallas_mosaic",
+                 num_splits=2)
+    assert relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt, keep_first, keep_recent, lengths, window, sinks, frame", KEPT_CASES)
+def test_compiled_warp_kernel_reads_the_kept_positions_like_the_reference(fmt, keep_first, keep_recent, lengths,
+                                                                          window, sinks, frame):
+    """One split (the kernel leaves its state to the merge all the same) and two."""
+    cache, q = _kept_cache(fmt, keep_first, keep_recent, lengths, window, tuple(frame.items()), max_len=128)
+    sink_logits = jnp.linspace(-1.0, 2.0, 8) if sinks else None
+    layer = cache.layers[0]
+    ref = decode_attention(q, layer, cache.lengths, sinks=sink_logits, implementation="reference")
+    for num_splits in (1, 2):
+        out = decode_attention(q, layer, cache.lengths, sinks=sink_logits, implementation="pallas_mosaic_warp",
+                               num_splits=num_splits)
+        assert relative_error(out, ref) < 1e-2, num_splits

@@ -272,16 +272,18 @@ KEPT_CASES = [
 
 
 @compiled_once
-def _kept_chunk_after_prefix(fmt, keep_first, keep_recent, prefix, chunk, window, centered):
+def _kept_chunk_after_prefix(fmt, keep_first, keep_recent, prefix, chunk, window, centered, capacity=None):
     """A layer of 8 query heads over 2 KV heads of 64 keeping positions, holding each
-    sequence's prefix, then a chunk written after it.
+    sequence's prefix, then a chunk written after it, of `capacity` positions (default:
+    just more than the longest sequence).
 
     Returns (layer, start, q [B, T, 8, 64], full_k, full_v [B, 2, capacity, 64]).
     """
     heads, kv_heads, head_dim = 8, 2, 64
     keys = jax.random.split(jax.random.key(chunk + keep_first), 5)
     longest = max(max(prefix), 1)
-    cache = C.init_cache(one_layer_config(heads, kv_heads, head_dim, window), len(prefix), longest + chunk + 3, fmt,
+    cache = C.init_cache(one_layer_config(heads, kv_heads, head_dim, window), len(prefix),
+                         capacity or longest + chunk + 3, fmt,
                          keep_first=keep_first, keep_recent=keep_recent, rotate_keys=True, center_keys=centered,
                          center_values=centered)
     pk = realistic_keys(keys[0], (len(prefix), longest, kv_heads, head_dim))
@@ -305,3 +307,38 @@ def test_pallas_kernel_reads_kept_positions_like_the_reference(fmt, keep_first, 
     out = jitted(prefill_attention, q, layer, start, implementation="pallas_triton", block_k=16, **args)
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
     assert relative_error(out, ref) < 1e-2
+
+
+MOSAIC_KEPT_CASES = [
+    # fmt, keep_first, keep_recent, prefix lengths, chunk, window, sinks, centered, capacity
+    ("nvfp4", 4, 16, [40, 3], 70, None, True, False, 192),  # two query blocks; early rows read no stored position
+    ("mxfp4", 72, 8, [130, 10], 20, None, False, True, 192),  # kept first positions past a 64-position block
+    ("fp4_e2m1", 8, 40, [100, 0], 30, 64, False, False, 192),  # window: the first kept positions drop out
+]
+
+
+@pytest.mark.parametrize("fmt, keep_first, keep_recent, prefix, chunk, window, sinks, centered, capacity",
+                         MOSAIC_KEPT_CASES)
+def test_mosaic_kernel_reads_kept_positions_like_the_reference(fmt, keep_first, keep_recent, prefix, chunk, window,
+                                                               sinks, centered, capacity):
+    layer, start, q, full_k, full_v = _kept_chunk_after_prefix(fmt, keep_first, keep_recent, prefix, chunk, window,
+                                                               centered, capacity)
+    args = dict(sinks=jnp.linspace(-2.0, 3.0, 8) if sinks else None, full_k=full_k, full_v=full_v)
+    ref = jitted(prefill_attention, q, layer, start, implementation="reference", **args)
+    out = jitted(prefill_attention, q, layer, start, implementation="pallas_mosaic", block_k=64, **args)
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    assert relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_compiled_mosaic_kernel_reads_kept_positions_on_gpu():
+    """The default schedule over ragged prefixes, the best 8k recipe's 8 first and 40
+    newest positions kept, with sinks and with centered keys and values."""
+    for sinks, centered in ((True, False), (False, True)):
+        layer, start, q, full_k, full_v = _kept_chunk_after_prefix("nvfp4_search", 8, 40, [0, 1000, 333], 300, None,
+                                                                   centered, 1408)
+        args = dict(sinks=jnp.linspace(-2.0, 3.0, 8) if sinks else None, full_k=full_k, full_v=full_v)
+        ref = prefill_attention(q, layer, start, implementation="reference", **args)
+        out = prefill_attention(q, layer, start, implementation="pallas_mosaic", **args)
+        assert relative_error(out, ref) < 1e-2
+        assert relative_error(prefill_attention(q, layer, start, **args), ref) < 1e-2  # the default
