@@ -45,9 +45,9 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.formats import QuantizedTensor, format_names, get_codec
 from fp4kv_jax.kernels import tiles
-from fp4kv_jax.cache import LayerCache
 from fp4kv_jax.kernels.decode_attention import kept_positions, splits
 from fp4kv_jax.kernels.decode_attention.warp_emitter import Emitter
 from fp4kv_jax.kernels.decode_attention.warp_operands import operands_for
