@@ -288,7 +288,8 @@ def _row(
     # What a sequence holds whatever its length (positions kept in bf16, a mean key) is
     # amortized over 8k positions.
     fixed = fixed_bytes_per_sequence(config, **{
-        name: recipe.storage[name] for name in ("keep_first", "keep_recent", "center_keys", "center_values")
+        name: recipe.storage[name]
+        for name in ("keep_first", "keep_recent", "kept_dtype", "center_keys", "center_values")
         if name in recipe.storage
     })
     kl_by_position = kl.mean(axis=0)

@@ -37,6 +37,11 @@ from fp4kv_jax.kernels.quantize_into_cache import quantize_into_cache, token_slo
 from fp4kv_jax.models.configs import ModelConfig, get_config
 from fp4kv_jax.rotation import hadamard_matrix, hadamard_rotate
 
+# What the kept copies (`LayerCache.kept_k`) may be stored as: bf16, or fp8 e4m3 without
+# a scale (half the bytes a position; SmolLM2's keys and values in a centered, rotated
+# frame stay far inside its range, and finite values past it saturate).
+KEPT_DTYPES = {"bf16": jnp.bfloat16, "fp8_e4m3": jnp.float8_e4m3fn}
+
 
 class CacheOverflowError(ValueError):
     """A write would go past the cache's max_len."""
@@ -59,12 +64,13 @@ class LayerCache:
         head_dim (`fp4kv_jax.rotation`); attention then rotates its queries the same way.
       values_rotated: whether values are stored rotated so; attention then rotates its
         output back (softmax weights times V H, times H, is the plain output).
-      kept_k, kept_v: bf16 [B, Hkv, keep_first + keep_recent, D] full-precision copies
-        (rotated like k and v) of the first `keep_first` positions, in slots 0.., and
-        of the last `keep_recent` written, in a ring (position p in slot
-        keep_first + p % keep_recent); None when the layer keeps none. A query at
-        position i reads position p from them when p < keep_first or p > i -
-        keep_recent (KIVI's full-precision sink and recent window), else from k, v.
+      kept_k, kept_v: bf16 (or fp8 e4m3, `KEPT_DTYPES`) [B, Hkv, keep_first +
+        keep_recent, D] full-precision copies (rotated like k and v) of the first
+        `keep_first` positions, in slots 0.., and of the last `keep_recent` written,
+        in a ring (position p in slot keep_first + p % keep_recent); None when the
+        layer keeps none. A query at position i reads position p from them when
+        p < keep_first or p > i - keep_recent (KIVI's full-precision sink and recent
+        window), else from k, v.
       keys_per_channel: whether k's block scales run over blocks of positions, one per
         channel (`fp4kv_jax.channel_keys`); a block is quantized once its last
         position is written, and until then its positions are read from the kept ring.
@@ -191,6 +197,7 @@ def init_cache(
     bf16_layers: Sequence[int] = (),
     keep_first: int = 0,
     keep_recent: int = 0,
+    kept_dtype: str = "bf16",
     per_channel_keys: bool = False,
     center_keys: bool = False,
     center_values: bool = False,
@@ -212,10 +219,12 @@ def init_cache(
         accuracy recipe for block formats; exact in attention). head_dim must be a
         power of two.
       rotate_values: store values rotated the same way (likewise exact).
-      keep_first, keep_recent: every layer also keeps bf16 copies of the first
+      keep_first, keep_recent: every layer also keeps copies (in kept_dtype) of the first
         `keep_first` positions and of the last `keep_recent` ones, which attention reads
         instead of the stored formats (`LayerCache.kept_k`): KIVI's full-precision
-        sinks and recent window. Attention over such layers runs in the reference.
+        sinks and recent window.
+      kept_dtype: what the kept copies are stored as, one of KEPT_DTYPES: "bf16", or
+        "fp8_e4m3" (half the bytes, so twice the positions at one budget).
       per_channel_keys: quantize keys per channel over blocks of positions (KIVI,
         KVQuant; `fp4kv_jax.channel_keys`), for packed FP4 key formats; the recent
         window stages a block until it fills, so keep_recent must be at least the
@@ -233,6 +242,12 @@ def init_cache(
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}: expected a non-negative int, got {value!r}.")
     kept = keep_first + keep_recent
+    if per_channel_keys and kept_dtype != "bf16":
+        raise ValueError(
+            "kept_dtype: per_channel_keys quantizes its key blocks from the kept ring as bf16 copies; "
+            "use kept_dtype='bf16'."
+        )
+    kept_dtype = check_kept_dtype(kept_dtype)
     key_formats, value_formats = tensor_formats(
         cache_dtype, config.num_layers, key_dtype, value_dtype, bf16_layers
     )
@@ -264,7 +279,7 @@ def init_cache(
                 )
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
         kept_shape = (batch_size, config.num_kv_heads, kept, config.head_dim)
-        kept_k, kept_v = (jnp.zeros(kept_shape, jnp.bfloat16) for _ in range(2)) if kept else (None, None)
+        kept_k, kept_v = (jnp.zeros(kept_shape, kept_dtype) for _ in range(2)) if kept else (None, None)
         mean = lambda centered: (
             jnp.zeros((batch_size, config.num_kv_heads, config.head_dim), jnp.float32) if centered else None
         )
@@ -410,13 +425,29 @@ def _write_kept(lc: LayerCache, kept: jax.Array, new: jax.Array, lengths, counts
     if lc.keep_recent:
         newest = real & (positions >= (lengths + counts)[:, None] - lc.keep_recent)
         ring = jnp.where(newest, lc.keep_first + positions % lc.keep_recent, dropped)
-    values = new.astype(kept.dtype).transpose(0, 2, 1, 3)
+    values = _as_kept(new, kept.dtype).transpose(0, 2, 1, 3)
 
     def per_sequence(stored, slots_first, slots_ring, chunk_values):
         stored = stored.at[:, slots_first].set(chunk_values, mode="drop")
         return stored.at[:, slots_ring].set(chunk_values, mode="drop")
 
     return jax.vmap(per_sequence)(kept, first, ring, values)
+
+
+def check_kept_dtype(name: str) -> jnp.dtype:
+    """The dtype of kept copies named `name` (a key of KEPT_DTYPES); refuses others."""
+    if name not in KEPT_DTYPES:
+        raise ValueError(f"kept_dtype: unknown {name!r}; valid: {', '.join(KEPT_DTYPES)}.")
+    return jnp.dtype(KEPT_DTYPES[name])
+
+
+def _as_kept(x: jax.Array, dtype) -> jax.Array:
+    """x rounded to a kept-copy dtype (`KEPT_DTYPES`); finite values past fp8's range
+    saturate, as the fp8 formats store them (NaN stays NaN)."""
+    if dtype == jnp.float8_e4m3fn:
+        limit = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -limit, limit)
+    return x.astype(dtype)
 
 
 def _write_key_blocks(before: LayerCache, stored: QuantizedTensor, k: jax.Array, lengths, counts) -> QuantizedTensor:
@@ -463,8 +494,8 @@ def kept_values(
 
     Returns:
       (full_k, full_v), float32 [B, Hkv, capacity, D], in the stored (centered,
-      rotated) frame and rounded to bf16 as kept; positions no query of the chunk reads
-      from them are 0.
+      rotated) frame and rounded as kept (`init_cache`'s kept_dtype); positions no
+      query of the chunk reads from them are 0.
     """
     capacity, chunk = before.capacity, stored_k.shape[1]
     # Kept slots by the position they held before the chunk; the chunk after them.
@@ -474,7 +505,7 @@ def kept_values(
 
     def by_position(kept, new):
         full = jnp.zeros((*kept.shape[:2], capacity, kept.shape[3]), jnp.float32)
-        new = new.astype(jnp.bfloat16).transpose(0, 2, 1, 3)
+        new = _as_kept(new, kept.dtype).transpose(0, 2, 1, 3)
 
         def per_sequence(out, kept_b, held_b, new_b, chunk_b):
             out = out.at[:, held_b].set(kept_b.astype(jnp.float32), mode="drop")

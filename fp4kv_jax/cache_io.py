@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from fp4kv_jax.cache import KVCache, LayerCache, empty_tensor
+from fp4kv_jax.cache import KEPT_DTYPES, KVCache, LayerCache, check_kept_dtype, empty_tensor
 
 _LAYOUT_FILE = "cache_layout.json"
 _ARRAYS_DIR = "arrays"
@@ -25,6 +25,7 @@ def _layout(cache: KVCache) -> dict:
                 "window": lc.window, "ring": lc.ring,
                 "keys_rotated": lc.keys_rotated, "values_rotated": lc.values_rotated,
                 "keep_first": lc.keep_first, "keep_recent": lc.keep_recent,
+                "kept_dtype": _kept_dtype_name(lc),
                 "keys_per_channel": lc.keys_per_channel, "keys_centered": lc.key_mean is not None,
                 "values_centered": lc.value_mean is not None,
             }
@@ -33,10 +34,16 @@ def _layout(cache: KVCache) -> dict:
     }
 
 
+def _kept_dtype_name(lc: LayerCache) -> str:
+    dtype = jnp.bfloat16 if lc.kept_k is None else lc.kept_k.dtype
+    return next(name for name, kept in KEPT_DTYPES.items() if jnp.dtype(kept) == dtype)
+
+
 def _kept_buffer(spec: dict):
     kept = spec.get("keep_first", 0) + spec.get("keep_recent", 0)
     batch, heads, _, head_dim = spec["shape"]
-    return jnp.zeros((batch, heads, kept, head_dim), jnp.bfloat16) if kept else None
+    dtype = check_kept_dtype(spec.get("kept_dtype", "bf16"))
+    return jnp.zeros((batch, heads, kept, head_dim), dtype) if kept else None
 
 
 def _mean_buffer(spec: dict, flag: str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fp4kv_jax.cache import tensor_formats
+from fp4kv_jax.cache import check_kept_dtype, tensor_formats
 from fp4kv_jax.formats import get_codec
 from fp4kv_jax.models.configs import ModelConfig, get_config
 
@@ -37,6 +37,7 @@ def kv_cache_bytes_per_token(
     bf16_layers: Sequence[int] = (),
     keep_first: int = 0,
     keep_recent: int = 0,
+    kept_dtype: str = "bf16",
     center_keys: bool = False,
     center_values: bool = False,
 ) -> int:
@@ -45,10 +46,10 @@ def kv_cache_bytes_per_token(
     Equals 2 * layers * kv_heads * head_dim * bits / 8 with the block scales counted in
     the bits. Sliding layers count too: this is the cache without trimmed windows.
     key_dtype, value_dtype and bf16_layers are `init_cache`'s; keep_first,
-    keep_recent, center_keys and center_values cost a fixed
+    keep_recent, kept_dtype, center_keys and center_values cost a fixed
     `fixed_bytes_per_sequence`, not a per-token amount.
     """
-    del keep_first, keep_recent, center_keys, center_values
+    del keep_first, keep_recent, kept_dtype, center_keys, center_values
     config = get_config(config)
     return sum(
         _tensor_bytes_per_position(config, k) + _tensor_bytes_per_position(config, v)
@@ -60,15 +61,17 @@ def fixed_bytes_per_sequence(
     config: ModelConfig | str,
     keep_first: int = 0,
     keep_recent: int = 0,
+    kept_dtype: str = "bf16",
     center_keys: bool = False,
     center_values: bool = False,
 ) -> int:
-    """What one sequence costs over all layers whatever its length: the bf16 copies of
-    its first and last positions (`init_cache`'s keep_first, keep_recent) and the
-    float32 mean key and value of centered keys and values (center_keys,
+    """What one sequence costs over all layers whatever its length: the copies of its
+    first and last positions (`init_cache`'s keep_first, keep_recent, kept_dtype) and
+    the float32 mean key and value of centered keys and values (center_keys,
     center_values)."""
     config = get_config(config)
-    per_layer = 2 * config.num_kv_heads * (keep_first + keep_recent) * config.head_dim * 2
+    kept_bytes = check_kept_dtype(kept_dtype).itemsize
+    per_layer = 2 * config.num_kv_heads * (keep_first + keep_recent) * config.head_dim * kept_bytes
     per_layer += (center_keys + center_values) * config.num_kv_heads * config.head_dim * 4
     return config.num_layers * per_layer
 
@@ -85,13 +88,16 @@ def kv_cache_bytes(
     bf16_layers: Sequence[int] = (),
     keep_first: int = 0,
     keep_recent: int = 0,
+    kept_dtype: str = "bf16",
     center_keys: bool = False,
     center_values: bool = False,
 ) -> int:
     """The exact bytes of `init_cache(config, batch_size, max_len, cache_dtype, ...)`."""
     config = get_config(config)
     total = batch_size * _LENGTH_BYTES + _FLAG_BYTES
-    total += batch_size * fixed_bytes_per_sequence(config, keep_first, keep_recent, center_keys, center_values)
+    total += batch_size * fixed_bytes_per_sequence(
+        config, keep_first, keep_recent, kept_dtype, center_keys, center_values
+    )
     layer_formats = _layer_formats(config, cache_dtype, key_dtype, value_dtype, bf16_layers)
     for layer, formats in enumerate(layer_formats):
         window = config.layer_window(layer)
@@ -115,6 +121,7 @@ def max_cache_tokens(
     bf16_layers: Sequence[int] = (),
     keep_first: int = 0,
     keep_recent: int = 0,
+    kept_dtype: str = "bf16",
     center_keys: bool = False,
     center_values: bool = False,
 ) -> int:
@@ -129,8 +136,8 @@ def max_cache_tokens(
             kv_cache_bytes(
                 config, cache_dtype, batch_size, n, trim_sliding_layers=trim_sliding_layers,
                 key_dtype=key_dtype, value_dtype=value_dtype, bf16_layers=bf16_layers,
-                keep_first=keep_first, keep_recent=keep_recent, center_keys=center_keys,
-                center_values=center_values,
+                keep_first=keep_first, keep_recent=keep_recent, kept_dtype=kept_dtype,
+                center_keys=center_keys, center_values=center_values,
             )
             <= budget_bytes
         )

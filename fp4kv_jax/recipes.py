@@ -20,7 +20,8 @@ from fp4kv_jax.formats import get_codec
 # spelling of "nvfp4+keys=fp8_e4m3");
 # "nvfp4+channel_keys+recent=16" scales the keys per channel over blocks of 16
 # positions, staged in the recent window; "nvfp4+center_keys" stores the keys minus
-# each sequence's first-chunk mean key, "+center_values" the values so.
+# each sequence's first-chunk mean key, "+center_values" the values so;
+# "nvfp4+first=8+recent=80+kept_fp8" stores the kept copies (below) in fp8 e4m3.
 RECIPE_OPTIONS = {
     "hadamard": (("rotate_keys", True),),
     "hadamard_v": (("rotate_values", True),),
@@ -30,6 +31,7 @@ RECIPE_OPTIONS = {
     "channel_keys": (("per_channel_keys", True),),
     "center_keys": (("center_keys", True),),
     "center_values": (("center_values", True),),
+    "kept_fp8": (("kept_dtype", "fp8_e4m3"),),
 }
 # Suffixes with a count: "nvfp4+bf16_first=2" keeps the first 2 layers in bf16;
 # "nvfp4+first=4+recent=32" keeps the first 4 and the last 32 positions of every layer
@@ -41,7 +43,8 @@ _COUNTED_OPTIONS = {"first=": "keep_first", "recent=": "keep_recent"}
 _FORMAT_OPTIONS = {"keys=": "key_dtype", "values=": "value_dtype"}
 # The options that change what the cache stores, and so its memory figures.
 _STORAGE_OPTIONS = (
-    "key_dtype", "value_dtype", "bf16_layers", "keep_first", "keep_recent", "center_keys", "center_values",
+    "key_dtype", "value_dtype", "bf16_layers", "keep_first", "keep_recent", "kept_dtype", "center_keys",
+    "center_values",
 )
 
 
@@ -78,8 +81,9 @@ def recipe_from_name(name: str) -> CacheRecipe:
 
     For example "fp4_e2m1" or "nvfp4+hadamard"; suffixes are the keys of RECIPE_OPTIONS,
     "bf16_first=N" (the first N layers stored in bf16, a per-layer dtype), "first=N"
-    and "recent=N" (the first and the last N positions also kept in bf16), "keys=FORMAT"
-    and "values=FORMAT" (the keys, or the values, stored in another format).
+    and "recent=N" (the first and the last N positions also kept in bf16, or in fp8 with
+    "+kept_fp8"), "keys=FORMAT" and "values=FORMAT" (the keys, or the values, stored in
+    another format).
     """
     cache_dtype, *suffixes = name.split("+")
     get_codec(cache_dtype, arg="cache_dtype")

@@ -131,6 +131,9 @@ def test_recipe_names_spell_a_cache_dtype_and_its_options():
     assert recipe_from_name("nvfp4+first=4+recent=32").storage == {
         "cache_dtype": "nvfp4", "keep_first": 4, "keep_recent": 32
     }
+    assert recipe_from_name("nvfp4+recent=32+kept_fp8").storage == {
+        "cache_dtype": "nvfp4", "keep_recent": 32, "kept_dtype": "fp8_e4m3"
+    }
     with pytest.raises(ValueError, match=r"unknown recipe suffix\(es\) \['rotate'\].*valid: \+hadamard"):
         recipe_from_name("nvfp4+rotate")
     with pytest.raises(ValueError, match=r"\['recent=-1'\].*\+first=N, \+recent=N"):

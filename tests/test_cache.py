@@ -203,7 +203,24 @@ def test_kept_buffers_hold_the_first_and_the_newest_positions_in_bf16():
     np.testing.assert_array_equal(kept[1, :, 2 + 3 % 3], expected[1, :, 3])
 
 
+def test_kept_buffers_in_fp8_hold_the_positions_rounded_to_e4m3_and_saturated():
+    cache = C.init_cache(TINY, 1, 16, "nvfp4", keep_first=1, keep_recent=2, kept_dtype="fp8_e4m3")
+    x = _kv(4, 1, 3).at[0, 2, 0, 0].set(1000.0)  # past e4m3's largest finite value, 448
+    cache = _update(cache, [x] * 2, [x] * 2)
+    kept = cache.layers[0].kept_k
+    assert kept.dtype == jnp.float8_e4m3fn
+    expected = np.asarray(x.astype(jnp.float8_e4m3fn), np.float32).transpose(0, 2, 1, 3)
+    expected[0, 0, 2, 0] = 448.0
+    # Slot 0 holds position 0; ring slots 1 + p % 2 hold positions 1 and 2.
+    for slot, position in [(0, 0), (1 + 1 % 2, 1), (1 + 2 % 2, 2)]:
+        np.testing.assert_array_equal(np.asarray(kept[0, :, slot], np.float32), expected[0, :, position])
+
+
 def test_kept_positions_are_refused_where_they_cannot_be_honoured():
+    with pytest.raises(ValueError, match="kept_dtype: unknown 'fp16'; valid: bf16, fp8_e4m3"):
+        C.init_cache(TINY, 1, 8, "nvfp4", keep_recent=4, kept_dtype="fp16")
+    with pytest.raises(ValueError, match="kept_dtype: per_channel_keys quantizes its key blocks"):
+        C.init_cache(TINY, 1, 8, "nvfp4", keep_recent=16, per_channel_keys=True, kept_dtype="fp8_e4m3")
     with pytest.raises(ValueError, match="keep_recent: expected a non-negative int"):
         C.init_cache("smollm2-135m", 1, 8, "nvfp4", keep_recent=-1)
     with pytest.raises(ValueError, match="keep_first, keep_recent: full-precision positions are not kept in trimmed"):

@@ -13,6 +13,7 @@ from fp4kv_jax.cache_io import load_cache, save_cache
     [
         ("nvfp4", {}), ("fp8_e5m2", {}), ("mxfp4", {"value_dtype": "bf16"}),
         ("fp4_e2m1", {"keep_first": 1, "keep_recent": 3}), ("nvfp4", {"center_keys": True, "center_values": True}),
+        ("nvfp4", {"keep_recent": 2, "kept_dtype": "fp8_e4m3"}),
     ],
 )
 def test_round_trip_is_bit_exact(tmp_path, fmt, options):

@@ -74,6 +74,10 @@ def test_kept_positions_cost_a_fixed_amount_per_sequence_equal_to_allocated_byte
     extra = kv_cache_bytes("smollm2-135m", "nvfp4", 3, 100, **kept) - kv_cache_bytes("smollm2-135m", "nvfp4", 3, 100)
     assert extra == 3 * fixed_bytes_per_sequence("smollm2-135m", **kept) == 3 * 2 * 30 * 3 * 32 * 64 * 2
     assert kv_cache_bytes_per_token("smollm2-135m", "nvfp4", **kept) == kv_cache_bytes_per_token("smollm2-135m", "nvfp4")
+    # fp8 copies: one byte an element, half the bf16 copies' cost.
+    in_fp8 = dict(kept, kept_dtype="fp8_e4m3")
+    assert kv_cache_bytes("smollm2-135m", "nvfp4", 3, 100, **in_fp8) == C.init_cache("smollm2-135m", 3, 100, "nvfp4", **in_fp8).nbytes
+    assert 2 * fixed_bytes_per_sequence("smollm2-135m", **in_fp8) == fixed_bytes_per_sequence("smollm2-135m", **kept)
 
 
 def test_a_centered_cache_costs_its_means_per_sequence_equal_to_allocated_bytes():

@@ -266,7 +266,7 @@ def test_compiled_kernels_refuse_a_head_dim_they_are_not_checked_at():
 ROTATED = dict(rotate_keys=True, rotate_values=True)
 KEPT_CASES = [
     # fmt, keep_first, keep_recent, lengths (some below the kept counts), window, sinks, frame
-    ("nvfp4", 4, 16, [70, 9, 1], None, True, ROTATED),
+    ("nvfp4", 4, 16, [70, 9, 1], None, True, dict(kept_dtype="fp8_e4m3", **ROTATED)),  # fp8 kept copies
     ("mxfp4", 0, 32, [64, 40, 20], None, False, dict(center_keys=True, center_values=True, **ROTATED)),
     ("fp8_e4m3", 8, 0, [50, 5, 12], None, True, {}),
     ("fp4_e2m1", 4, 8, [64, 30, 3], 24, False, ROTATED),  # window: kept first positions drop out

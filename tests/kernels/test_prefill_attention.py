@@ -272,10 +272,11 @@ KEPT_CASES = [
 
 
 @compiled_once
-def _kept_chunk_after_prefix(fmt, keep_first, keep_recent, prefix, chunk, window, centered, capacity=None):
-    """A layer of 8 query heads over 2 KV heads of 64 keeping positions, holding each
-    sequence's prefix, then a chunk written after it, of `capacity` positions (default:
-    just more than the longest sequence).
+def _kept_chunk_after_prefix(fmt, keep_first, keep_recent, prefix, chunk, window, centered, capacity=None,
+                             kept_dtype="bf16"):
+    """A layer of 8 query heads over 2 KV heads of 64 keeping positions (copies in
+    `kept_dtype`), holding each sequence's prefix, then a chunk written after it, of
+    `capacity` positions (default: just more than the longest sequence).
 
     Returns (layer, start, q [B, T, 8, 64], full_k, full_v [B, 2, capacity, 64]).
     """
@@ -284,7 +285,8 @@ def _kept_chunk_after_prefix(fmt, keep_first, keep_recent, prefix, chunk, window
     longest = max(max(prefix), 1)
     cache = C.init_cache(one_layer_config(heads, kv_heads, head_dim, window), len(prefix),
                          capacity or longest + chunk + 3, fmt,
-                         keep_first=keep_first, keep_recent=keep_recent, rotate_keys=True, center_keys=centered,
+                         keep_first=keep_first, keep_recent=keep_recent, kept_dtype=kept_dtype, rotate_keys=True,
+                         center_keys=centered,
                          center_values=centered)
     pk = realistic_keys(keys[0], (len(prefix), longest, kv_heads, head_dim))
     cache = C.update(cache, [pk], [jax.random.normal(keys[1], pk.shape)], num_tokens=jnp.asarray(prefix))
@@ -310,19 +312,20 @@ def test_pallas_kernel_reads_kept_positions_like_the_reference(fmt, keep_first, 
 
 
 MOSAIC_KEPT_CASES = [
-    # fmt, keep_first, keep_recent, prefix lengths, chunk, window, sinks, centered, capacity
-    ("nvfp4", 4, 16, [40, 3], 70, None, True, False, 192),  # two query blocks; early rows read no stored position
-    ("mxfp4", 72, 8, [130, 10], 20, None, False, True, 192),  # kept first positions past a 64-position block
-    ("fp4_e2m1", 8, 40, [100, 0], 30, 64, False, False, 192),  # window: the first kept positions drop out
+    # fmt, keep_first, keep_recent, prefix lengths, chunk, window, sinks, centered, capacity, kept_dtype
+    # two query blocks; early rows read no stored position; fp8 kept copies
+    ("nvfp4", 4, 16, [40, 3], 70, None, True, False, 192, "fp8_e4m3"),
+    ("mxfp4", 72, 8, [130, 10], 20, None, False, True, 192, "bf16"),  # kept first positions past a 64-position block
+    ("fp4_e2m1", 8, 40, [100, 0], 30, 64, False, False, 192, "bf16"),  # window: the first kept positions drop out
 ]
 
 
-@pytest.mark.parametrize("fmt, keep_first, keep_recent, prefix, chunk, window, sinks, centered, capacity",
+@pytest.mark.parametrize("fmt, keep_first, keep_recent, prefix, chunk, window, sinks, centered, capacity, kept_dtype",
                          MOSAIC_KEPT_CASES)
 def test_mosaic_kernel_reads_kept_positions_like_the_reference(fmt, keep_first, keep_recent, prefix, chunk, window,
-                                                               sinks, centered, capacity):
+                                                               sinks, centered, capacity, kept_dtype):
     layer, start, q, full_k, full_v = _kept_chunk_after_prefix(fmt, keep_first, keep_recent, prefix, chunk, window,
-                                                               centered, capacity)
+                                                               centered, capacity, kept_dtype)
     args = dict(sinks=jnp.linspace(-2.0, 3.0, 8) if sinks else None, full_k=full_k, full_v=full_v)
     ref = jitted(prefill_attention, q, layer, start, implementation="reference", **args)
     out = jitted(prefill_attention, q, layer, start, implementation="pallas_mosaic", block_k=64, **args)
