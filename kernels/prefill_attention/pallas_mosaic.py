@@ -23,6 +23,11 @@ by sm_scale * log2(e) (and K's plane factor), so the softmax is exp2. Only the b
 on the causal diagonal, the window's edge and the chunk's end are masked; the ones in
 between take the unmasked loop.
 
+Over a layer keeping positions in full precision (KIVI's sinks and recent window) a
+query at i attends here to the stored positions keep_first <= p <= i - keep_recent
+only, and the kernel also writes each row's log-sum-exp, so that `kept_positions` can
+attend to the kept ones and merge.
+
 With `feed_warpgroup=False` one warpgroup decodes each block and then attends to it,
 P passing through shared memory: the schedule Mosaic GPU interpret mode runs (its
 threads cannot run wgmma), there with the codec's portable `decode_planes` as decode.
