@@ -1,7 +1,8 @@
 """Decode over a layer that keeps positions in full precision (KIVI's sinks and recent
 window, `LayerCache.kept_k`): the kernel attends to the stored positions in between,
 this module to the kept ones, and the two softmax states merge like flash-decoding's
-splits (`splits.merge`, where the sinks join).
+splits (`splits.merge`, where the sinks join): `skipped` tells a kernel what to leave
+out, `with_kept_split` adds the kept positions' state to the kernel's.
 
 For the query at position i = length - 1, after its own write, the layer's kept copies
 hold exactly what it reads from them: positions p < keep_first in slots 0.., and the
@@ -30,11 +31,22 @@ def served_slot_positions(layer: LayerCache, lengths: jax.Array) -> jax.Array:
     return jnp.where(served, positions, -1)
 
 
-def kept_state(q: jax.Array, layer: LayerCache, lengths: jax.Array, *, sm_scale: float, rows: int,
-               num_planes: int, value_factor: jax.Array):
-    """The kept positions' softmax state, shaped as one more split of the kernels'.
+def skipped(kept: LayerCache | None) -> dict:
+    """A decode kernel's skip_first, skip_recent: the leading and newest positions it
+    leaves to `with_kept_split` (none without a layer keeping positions)."""
+    if kept is None:
+        return dict(skip_first=0, skip_recent=0)
+    return dict(skip_first=kept.keep_first, skip_recent=kept.keep_recent)
+
+
+def with_kept_split(states, q: jax.Array, kept: LayerCache | None, lengths: jax.Array, *, sm_scale: float,
+                    rows: int, num_planes: int, value_factor: jax.Array):
+    """A decode kernel's split states (out, peak, total), with the kept positions' state
+    appended as one more split when `kept` is a layer keeping positions.
 
     Args:
+      states: out float32 [B, Hkv, splits, P, rows, D / P] (unnormalized), peak and
+        total float32 [B, Hkv, splits, rows], peaks in natural-log units.
       q: float [B, Hq, D], in the layer's stored (rotated) frame.
       rows: query rows per KV head in the kernel's states (the group, padded).
       num_planes: the kernel's planes (`split_planes`) of its output.
@@ -42,9 +54,17 @@ def kept_state(q: jax.Array, layer: LayerCache, lengths: jax.Array, *, sm_scale:
         plane factor); the kept output is divided by it here.
 
     Returns:
-      out float32 [B, Hkv, 1, P, rows, D / P] (unnormalized), peak and total float32
-      [B, Hkv, 1, rows], peaks in natural-log units.
+      the three states, with one more split when `kept` is given.
     """
+    if kept is None:
+        return states
+    kept_split = _kept_state(q, kept, lengths, sm_scale=sm_scale, rows=rows, num_planes=num_planes,
+                             value_factor=value_factor)
+    return tuple(jnp.concatenate(pair, axis=2) for pair in zip(states, kept_split))
+
+
+def _kept_state(q, layer: LayerCache, lengths, *, sm_scale, rows, num_planes, value_factor):
+    """The kept positions' softmax state as one split of `with_kept_split`'s states."""
     batch, num_heads, head_dim = q.shape
     kv_heads = layer.kept_k.shape[1]
     group = num_heads // kv_heads

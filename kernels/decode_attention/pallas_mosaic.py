@@ -213,8 +213,7 @@ def decode_attention(
     packed = (block_k, head_dim // 2)
     kernel = functools.partial(
         _kernel, decode=decode, block_k=block_k, chunk=chunk, capacity=capacity,
-        window=window, ring=ring, skip_first=0 if kept is None else kept.keep_first,
-        skip_recent=0 if kept is None else kept.keep_recent, num_stages=num_stages,
+        window=window, ring=ring, num_stages=num_stages, **kept_positions.skipped(kept),
     )
     stage = lambda shape: plgpu.SMEM((num_stages, *shape), jnp.uint8)
     out, peak, total = plgpu.kernel(
@@ -243,9 +242,8 @@ def decode_attention(
     )
     # O^T [D, N] -> [1 plane, N, D], the layout the split merge takes.
     out = jnp.swapaxes(out, -1, -2)[:, :, :, None]
-    if kept is not None:
-        kept_split = kept_positions.kept_state(
-            q, kept, lengths, sm_scale=sm_scale, rows=head_rows, num_planes=1, value_factor=tiles.plane_factor(v)
-        )
-        out, peak, total = (jnp.concatenate(pair, axis=2) for pair in zip((out, peak, total), kept_split))
+    out, peak, total = kept_positions.with_kept_split(
+        (out, peak, total), q, kept, lengths, sm_scale=sm_scale, rows=head_rows, num_planes=1,
+        value_factor=tiles.plane_factor(v),
+    )
     return (splits.merge(out, peak, total, sinks, group) * tiles.plane_factor(v)).astype(q.dtype)

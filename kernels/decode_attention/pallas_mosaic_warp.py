@@ -434,9 +434,8 @@ def decode_attention(
             lambda ctx, *refs: _emit(
                 refs, codec=codec, head_dim=head_dim, group=group, head_tiles=head_tiles, block=block,
                 tensor_arrays=len(tensor_arrays), chunk=chunk, capacity=capacity, window=window, ring=ring,
-                skip_first=0 if kept is None else kept.keep_first, skip_recent=0 if kept is None else kept.keep_recent,
-                prefetch=prefetch, kv_heads=kv_heads,
-                num_splits=num_split_programs, final=final, warps=warps, sink_operand=final and sinks is not None,
+                prefetch=prefetch, kv_heads=kv_heads, num_splits=num_split_programs, final=final, warps=warps,
+                sink_operand=final and sinks is not None, **kept_positions.skipped(kept),
                 out_dtype=out_dtype, sm_scale=sm_scale,
             )
         )
@@ -472,11 +471,9 @@ def decode_attention(
     if final:
         return result.astype(q.dtype)
     out, peak, total = result
-    out = out[:, :, :, None]  # one plane
-    if kept is not None:
-        kept_split = kept_positions.kept_state(
-            q, kept, lengths, sm_scale=sm_scale, rows=rows, num_planes=1, value_factor=tiles.plane_factor(v)
-        )
-        out, peak, total = (jnp.concatenate(pair, axis=2) for pair in zip((out, peak, total), kept_split))
+    out, peak, total = kept_positions.with_kept_split(
+        (out[:, :, :, None], peak, total), q, kept, lengths, sm_scale=sm_scale, rows=rows, num_planes=1,
+        value_factor=tiles.plane_factor(v),
+    )
     merged = splits.merge(out, peak, total, sinks, group)
     return (merged * tiles.plane_factor(v)).astype(q.dtype)

@@ -186,8 +186,7 @@ def decode_attention(
         capacity=capacity,
         window=window,
         ring=ring,
-        skip_first=0 if kept is None else kept.keep_first,
-        skip_recent=0 if kept is None else kept.keep_recent,
+        **kept_positions.skipped(kept),
         compute_dtype=compute_dtype,
         prefetch=prefetch,
         ptx=not interpret,
@@ -217,9 +216,8 @@ def decode_attention(
         interpret=interpret,
         name=f"decode_attention_{k.fmt}",
     )(lengths.astype(jnp.int32), q_planes, *stored)
-    if kept is not None:
-        kept_split = kept_positions.kept_state(
-            q, kept, lengths, sm_scale=sm_scale, rows=rows, num_planes=num_planes, value_factor=tiles.plane_factor(v)
-        )
-        out, peak, total = (jnp.concatenate(pair, axis=2) for pair in zip((out, peak, total), kept_split))
+    out, peak, total = kept_positions.with_kept_split(
+        (out, peak, total), q, kept, lengths, sm_scale=sm_scale, rows=rows, num_planes=num_planes,
+        value_factor=tiles.plane_factor(v),
+    )
     return (splits.merge(out, peak, total, sinks, group) * tiles.plane_factor(v)).astype(q.dtype)
