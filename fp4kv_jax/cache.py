@@ -37,10 +37,10 @@ from fp4kv_jax.kernels.quantize_into_cache import quantize_into_cache, token_slo
 from fp4kv_jax.models.configs import ModelConfig, get_config
 from fp4kv_jax.rotation import hadamard_matrix, hadamard_rotate
 
-# What the kept copies (`LayerCache.kept_k`) may be stored as: bf16, or fp8 e4m3 without
-# a scale (half the bytes a position; SmolLM2's keys and values in a centered, rotated
-# frame stay far inside its range, and finite values past it saturate).
-KEPT_DTYPES = {"bf16": jnp.bfloat16, "fp8_e4m3": jnp.float8_e4m3fn}
+# The formats the kept copies (`LayerCache.kept_k`) may be stored in, without a scale:
+# bf16, or fp8 e4m3 at half the bytes a position (SmolLM2's keys and values in a
+# centered, rotated frame stay far inside its range; finite values past it saturate).
+KEPT_DTYPES = ("bf16", "fp8_e4m3")
 
 
 class CacheOverflowError(ValueError):
@@ -435,19 +435,22 @@ def _write_kept(lc: LayerCache, kept: jax.Array, new: jax.Array, lengths, counts
 
 
 def check_kept_dtype(name: str) -> jnp.dtype:
-    """The dtype of kept copies named `name` (a key of KEPT_DTYPES); refuses others."""
+    """The dtype of kept copies in format `name` (one of KEPT_DTYPES); refuses others."""
     if name not in KEPT_DTYPES:
         raise ValueError(f"kept_dtype: unknown {name!r}; valid: {', '.join(KEPT_DTYPES)}.")
-    return jnp.dtype(KEPT_DTYPES[name])
+    return jnp.dtype(get_codec(name).data_dtype)
+
+
+def kept_dtype_name(dtype) -> str:
+    """The format (one of KEPT_DTYPES) of kept copies of `dtype`."""
+    return next(name for name in KEPT_DTYPES if check_kept_dtype(name) == dtype)
 
 
 def _as_kept(x: jax.Array, dtype) -> jax.Array:
-    """x rounded to a kept-copy dtype (`KEPT_DTYPES`); finite values past fp8's range
-    saturate, as the fp8 formats store them (NaN stays NaN)."""
-    if dtype == jnp.float8_e4m3fn:
-        limit = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x, -limit, limit)
-    return x.astype(dtype)
+    """x as kept copies of `dtype` store it: their format's encode at scale 1 (finite
+    values past its range saturate, as the cache formats store them)."""
+    data, _ = get_codec(kept_dtype_name(dtype)).encode(x, jnp.float32(1.0))
+    return data
 
 
 def _write_key_blocks(before: LayerCache, stored: QuantizedTensor, k: jax.Array, lengths, counts) -> QuantizedTensor:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from fp4kv_jax.cache import KEPT_DTYPES, KVCache, LayerCache, check_kept_dtype, empty_tensor
+from fp4kv_jax.cache import KVCache, LayerCache, check_kept_dtype, empty_tensor, kept_dtype_name
 
 _LAYOUT_FILE = "cache_layout.json"
 _ARRAYS_DIR = "arrays"
@@ -25,18 +25,13 @@ def _layout(cache: KVCache) -> dict:
                 "window": lc.window, "ring": lc.ring,
                 "keys_rotated": lc.keys_rotated, "values_rotated": lc.values_rotated,
                 "keep_first": lc.keep_first, "keep_recent": lc.keep_recent,
-                "kept_dtype": _kept_dtype_name(lc),
+                "kept_dtype": "bf16" if lc.kept_k is None else kept_dtype_name(lc.kept_k.dtype),
                 "keys_per_channel": lc.keys_per_channel, "keys_centered": lc.key_mean is not None,
                 "values_centered": lc.value_mean is not None,
             }
             for lc in cache.layers
         ],
     }
-
-
-def _kept_dtype_name(lc: LayerCache) -> str:
-    dtype = jnp.bfloat16 if lc.kept_k is None else lc.kept_k.dtype
-    return next(name for name, kept in KEPT_DTYPES.items() if jnp.dtype(kept) == dtype)
 
 
 def _kept_buffer(spec: dict):
