@@ -27,9 +27,8 @@ docs/ablation/README.md gives the true figures.
 from __future__ import annotations
 
 import argparse
-import sys
-
 import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
