@@ -1,0 +1,236 @@
+"""An exploration for issue 7's goals on the Python docs: where does the keys' FP4 error
+do its damage, and would another treatment of the keys at the same bits do less?
+
+It scores each treatment of the keys by its attention KL: for every layer and KV head,
+the mean over a window's queries of KL(softmax of exact scores || softmax of the scores
+against the stored keys), causal, summed over the layer's query heads and averaged over
+the windows. Queries and keys are the model's own (bf16 cache, float32 parameters),
+after RoPE, and the keys are centered on their window's mean, as `+center_keys` stores
+them in the one-pass scoring. The values stay exact: this isolates the keys, where
+almost all of FP4's damage is (docs/ablation/README.md, "Keys against values").
+
+Treatments, each in the stored frame of `+center_keys+hadamard`:
+- a key format: `nvfp4_search` (4.5 bits), `nvfp4_search_b8` (5), the same search over
+  blocks of 4 (6 bits, simulated here: no such format ships), `mxfp4` and `fp8_e4m3`;
+- `smooth=A`: before the rotation each RoPE channel pair of the keys is multiplied by
+  (E[q^2] / E[k^2]) ** (A / 4) of that pair, the queries divided by it (SmoothQuant's
+  migration; exact in attention, and it commutes with RoPE, which turns each pair
+  within itself), stored in `nvfp4_search`;
+- `balanced`: the keys multiplied by the symmetric T with T^2 the matrix geometric mean
+  of the keys' inverse covariance and the queries' covariance, the queries by T^-1: the
+  map minimizing the expected squared score error when each stored key has the same
+  relative error in every direction; then rotated and stored in `nvfp4_search`.
+
+The statistics of `smooth` and `balanced` are taken over the same window they are scored
+on, so they are as favourable as a calibration could be.
+
+    python docs/ablation/key_error_experiment.py --corpus FILE --out DIR
+
+Writes results.json, results.md and attention_kl_by_head.png to DIR; about 8 minutes
+on 2 CPU cores for two windows of 2,048 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fp4kv_jax import ablate
+from fp4kv_jax.formats import dequantize, quantize
+from fp4kv_jax.formats.nvfp4_search import Nvfp4SearchCodec
+from fp4kv_jax.formats.registry import register
+from fp4kv_jax.models import loading, transformer
+from fp4kv_jax.rotation import hadamard_matrix
+
+SIMULATED_BLOCK4 = "nvfp4_search_b4"
+# (treatment, key format, smoothing exponent or "balanced" or None, bits per key element)
+TREATMENTS = (
+    ("nvfp4_search", "nvfp4_search", None, 4.5),
+    ("nvfp4_search_b8", "nvfp4_search_b8", None, 5.0),
+    ("nvfp4_search, blocks of 4 (simulated)", SIMULATED_BLOCK4, None, 6.0),
+    ("mxfp4", "mxfp4", None, 4.25),
+    ("fp8_e4m3", "fp8_e4m3", None, 8.0),
+    ("nvfp4_search, smooth=0.5", "nvfp4_search", 0.5, 4.5),
+    ("nvfp4_search, smooth=1", "nvfp4_search", 1.0, 4.5),
+    ("nvfp4_search, balanced", "nvfp4_search", "balanced", 4.5),
+)
+
+
+class _Block4Codec(Nvfp4SearchCodec):
+    name = SIMULATED_BLOCK4
+    block_size = 4
+
+
+def captured_queries_and_keys(model, windows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, (q float32 [W, T, Hq, D], k float32 [W, T, Hkv, D]) after RoPE, from an
+    uncached forward pass over each window."""
+    captured = []
+    project = transformer.Attention.project
+
+    def recording(self, x, positions, rope):
+        q, k, v = project(self, x, positions, rope)
+        captured.append((np.asarray(q[0], np.float32), np.asarray(k[0], np.float32)))
+        return q, k, v
+
+    transformer.Attention.project = recording
+    try:
+        per_window = []
+        for window in windows:
+            captured.clear()
+            model(jnp.asarray(window[None]))
+            per_window.append(list(captured))
+    finally:
+        transformer.Attention.project = project
+    return [tuple(np.stack(parts) for parts in zip(*layer)) for layer in zip(*per_window)]
+
+
+def _symmetric_power(matrix: np.ndarray, power: float) -> np.ndarray:
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.clip(values, 1e-12, None) ** power) @ vectors.T
+
+
+def key_map(q: np.ndarray, k: np.ndarray, how) -> np.ndarray:
+    """float64 [D, D]: the exact map the keys are multiplied by before the rotation (the
+    queries by its inverse transpose), for q [T, G, D], centered k [T, D]."""
+    head_dim = k.shape[-1]
+    queries = q.reshape(-1, head_dim).astype(np.float64)
+    keys = k.astype(np.float64)
+    if how is None:
+        return np.eye(head_dim)
+    if how == "balanced":
+        key_cov = keys.T @ keys / len(keys)
+        key_cov += 1e-6 * np.trace(key_cov) / head_dim * np.eye(head_dim)
+        query_cov = queries.T @ queries / len(queries)
+        root, inverse_root = _symmetric_power(key_cov, 0.5), _symmetric_power(key_cov, -0.5)
+        squared = inverse_root @ _symmetric_power(root @ query_cov @ root, 0.5) @ inverse_root
+        mapped = _symmetric_power(squared, 0.5)
+    else:  # HF RoPE pairs channel i with i + D/2
+        pair = lambda x: np.mean(x[:, : head_dim // 2] ** 2 + x[:, head_dim // 2 :] ** 2, axis=0)
+        factor = (pair(queries) / pair(keys)) ** (how / 4)
+        mapped = np.diag(np.concatenate([factor, factor]))
+    return mapped / np.exp(np.mean(np.log(np.linalg.eigvalsh(mapped))))  # determinant 1
+
+
+def stored_keys(k: np.ndarray, mapped: np.ndarray, fmt: str) -> np.ndarray:
+    """k [T, D] as attention reads it back from `fmt` after the map and the rotation."""
+    rotation = hadamard_matrix(k.shape[-1]).astype(np.float64)
+    stored = quantize(jnp.asarray(k @ mapped @ rotation, jnp.float32), fmt)
+    return np.asarray(dequantize(stored), np.float64) @ rotation.T @ np.linalg.inv(mapped)
+
+
+@jax.jit
+def attention_kl(q: jax.Array, k: jax.Array, key_error: jax.Array) -> jax.Array:
+    """float32 []: mean over queries of KL(exact || with key_error), summed over the G
+    query heads. q [G, T, D]; k, key_error [T, D]."""
+    length = k.shape[0]
+    scale = k.shape[-1] ** -0.5
+    causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+    scores = jnp.einsum("gtd,pd->gtp", q, k, precision="highest") * scale
+    shifted = scores + jnp.einsum("gtd,pd->gtp", q, key_error, precision="highest") * scale
+    exact = jax.nn.log_softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+    moved = jax.nn.log_softmax(jnp.where(causal, shifted, -jnp.inf), axis=-1)
+    terms = jnp.where(causal, jnp.exp(exact) * (exact - moved), 0.0)
+    return jnp.sum(jnp.mean(jnp.sum(terms, axis=-1), axis=-1))
+
+
+def score_treatment(layers, fmt: str, how) -> tuple[np.ndarray, float]:
+    """(attention KL float64 [layers, Hkv], the keys' relative error over all layers)."""
+    kl = np.zeros((len(layers), layers[0][1].shape[2]))
+    error, norm = 0.0, 0.0
+    for layer, (q, k) in enumerate(layers):
+        windows, _, num_heads, _ = q.shape
+        kv_heads = k.shape[2]
+        group = num_heads // kv_heads
+        for w in range(windows):
+            centered = k[w] - k[w].mean(axis=0)
+            for head in range(kv_heads):
+                q_head = q[w, :, head * group : (head + 1) * group]
+                key = centered[:, head].astype(np.float64)
+                miss = stored_keys(key, key_map(q_head, key, how), fmt) - key
+                error, norm = error + np.sum(miss**2), norm + np.sum(key**2)
+                kl[layer, head] += float(attention_kl(
+                    jnp.asarray(q_head.transpose(1, 0, 2)), jnp.asarray(key, jnp.float32),
+                    jnp.asarray(miss, jnp.float32),
+                )) / windows
+    return kl, float(np.sqrt(error / norm))
+
+
+def top_share(kl: np.ndarray, fraction: float = 0.1) -> float:
+    """The share of the summed attention KL in the `fraction` of heads with the most."""
+    ordered = np.sort(kl.ravel())[::-1]
+    return float(ordered[: max(1, round(fraction * ordered.size))].sum() / ordered.sum())
+
+
+def markdown(results: dict) -> str:
+    base = results["treatments"][0]["attention_kl_sum"]
+    lines = [
+        "| keys (centered, Hadamard-rotated) | bits/key elem | K err | attention KL (sum) | vs nvfp4_search | top 10% heads' share |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["treatments"]:
+        lines.append(
+            f"| {row['name']} | {row['bits']:g} | {row['key_error']:.4f} | {row['attention_kl_sum']:.3f} "
+            f"| {row['attention_kl_sum'] / base:.2f}x | {row['top_share']:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_by_head(kl: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 2.6))
+    image = axis.imshow(kl.T, aspect="auto", cmap="viridis")
+    axis.set_xlabel("layer")
+    axis.set_ylabel("KV head")
+    axis.set_yticks(range(kl.shape[1]))
+    axis.set_title("attention KL of each KV head (nats, summed over its query heads), nvfp4_search keys")
+    figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", required=True, help="UTF-8 text file")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    register(_Block4Codec())
+    model = loading.from_pretrained("smollm2-135m", jnp.float32)
+    corpus_name, texts = ablate.load_corpus(args.corpus)
+    token_ids = ablate.tokenize_texts(model.tokenizer, texts)
+    windows = ablate.corpus_windows(token_ids, args.context, args.context * args.windows)
+    layers = captured_queries_and_keys(model, windows)
+    rows = []
+    for name, fmt, how, bits in TREATMENTS:
+        kl, key_error = score_treatment(layers, fmt, how)
+        rows.append(dict(name=name, bits=bits, key_error=key_error, attention_kl_sum=float(kl.sum()),
+                         top_share=top_share(kl), attention_kl=kl.tolist()))
+        print(f"{name}: attention KL {kl.sum():.3f}, K err {key_error:.4f}", file=sys.stderr, flush=True)
+    results = dict(
+        config=dict(model="smollm2-135m", corpus=corpus_name, context=args.context, windows=len(windows),
+                    jax=jax.__version__, device=jax.devices()[0].device_kind),
+        treatments=rows,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    plot_by_head(np.asarray(rows[0]["attention_kl"]), out / "attention_kl_by_head.png")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
