@@ -10,9 +10,8 @@ them in the one-pass scoring. The values stay exact: this isolates the keys, whe
 almost all of FP4's damage is (docs/ablation/README.md, "Keys against values").
 
 Treatments, each in the stored frame of `+center_keys+hadamard`:
-- a key format: `nvfp4_search` (4.5 bits), `nvfp4_search_b8` (5), the same search over
-  blocks of 4 (6 bits; block4_experiment.py's format, which no kernel reads), `mxfp4`
-  and `fp8_e4m3`;
+- a key format: `nvfp4_search` (4.5 bits), `nvfp4_search_b8` (5), `nvfp4_search_b4`
+  (6), `mxfp4` and `fp8_e4m3`;
 - `smooth=A`: before the rotation each RoPE channel pair of the keys is multiplied by
   (E[q^2] / E[k^2]) ** (A / 4) of that pair, the queries divided by it (SmoothQuant's
   migration; exact in attention, and it commutes with RoPE, which turns each pair
@@ -42,10 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from block4_experiment import Nvfp4SearchBlock4Codec  # this script's directory is on sys.path
 from fp4kv_jax import ablate
 from fp4kv_jax.formats import dequantize, quantize
-from fp4kv_jax.formats.registry import register
 from fp4kv_jax.models import loading, transformer
 from fp4kv_jax.rotation import hadamard_matrix
 
@@ -53,7 +50,7 @@ from fp4kv_jax.rotation import hadamard_matrix
 TREATMENTS = (
     ("nvfp4_search", "nvfp4_search", None, 4.5),
     ("nvfp4_search_b8", "nvfp4_search_b8", None, 5.0),
-    ("nvfp4_search, blocks of 4 (simulated)", Nvfp4SearchBlock4Codec.name, None, 6.0),
+    ("nvfp4_search_b4", "nvfp4_search_b4", None, 6.0),
     ("mxfp4", "mxfp4", None, 4.25),
     ("fp8_e4m3", "fp8_e4m3", None, 8.0),
     ("nvfp4_search, smooth=0.5", "nvfp4_search", 0.5, 4.5),
@@ -201,7 +198,6 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    register(Nvfp4SearchBlock4Codec())
     model = loading.from_pretrained("smollm2-135m", jnp.float32)
     corpus_name, texts = ablate.load_corpus(args.corpus)
     token_ids = ablate.tokenize_texts(model.tokenizer, texts)

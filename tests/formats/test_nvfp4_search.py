@@ -1,4 +1,4 @@
-"""nvfp4_search and nvfp4_search_b8: nvfp4 bytes whose block scales are searched over
+"""nvfp4_search, nvfp4_search_b8 and nvfp4_search_b4: nvfp4 bytes whose block scales are searched over
 the e4m3 grid by squared error."""
 
 import jax
@@ -12,7 +12,7 @@ from fp4kv_jax.formats import e2m1, get_codec
 
 from reference_numpy import code_value, pack_nibbles
 
-BLOCKS = {"nvfp4_search": 16, "nvfp4_search_b8": 8}
+BLOCKS = {"nvfp4_search": 16, "nvfp4_search_b8": 8, "nvfp4_search_b4": 4}
 E4M3_LARGEST_BITS = 0x7E  # 448
 
 

@@ -43,6 +43,7 @@ from format_testing import (
 
 ALL_FORMATS = (
     "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4", "nvfp4_4over6", "nvfp4_search", "nvfp4_search_b8",
+    "nvfp4_search_b4",
     "float32", "bf16", "fp16",
 )
 FP4 = R.FP4_FORMATS
@@ -361,6 +362,7 @@ EXPECTED_LAYOUT = {
     "nvfp4_4over6": (np.uint8, 64, ml_dtypes.float8_e4m3fn, 8, True),
     "nvfp4_search": (np.uint8, 64, ml_dtypes.float8_e4m3fn, 8, True),
     "nvfp4_search_b8": (np.uint8, 64, ml_dtypes.float8_e4m3fn, 16, True),
+    "nvfp4_search_b4": (np.uint8, 64, ml_dtypes.float8_e4m3fn, 32, True),
     "fp8_e4m3": (ml_dtypes.float8_e4m3fn, 128, None, None, True),
     "fp8_e5m2": (ml_dtypes.float8_e5m2, 128, None, None, True),
     "float32": (np.float32, 128, None, None, False),

@@ -34,6 +34,7 @@ CASES = [
     ("nvfp4", 4, 2, 128, [33, 64], 64, None, True),
     ("mxfp4", 6, 3, 64, [70, 17], 72, 20, False),  # group 2
     ("nvfp4_search_b8", 4, 2, 128, [29, 48], 48, None, True),  # blocks of 8
+    ("nvfp4_search_b4", 4, 2, 64, [23, 40], 40, None, False),  # blocks of 4
     ("fp8_e4m3", 8, 2, 64, [40, 9], 45, None, False),
     ("fp8_e5m2", 4, 4, 64, [12, 30], 30, 8, True),  # group 1
     ("bf16", 12, 3, 128, [1, 55], 55, None, False),
@@ -91,6 +92,9 @@ def _empty_cache(fmt, head_dim, max_len):
 def test_mosaic_kernel_refuses_what_it_does_not_handle():
     cache, q = _empty_cache("fp8_e4m3", 64, 64)
     with pytest.raises(ValueError, match="'pallas_mosaic' handles nvfp4_search_b8, fp4_e2m1, nvfp4, nvfp4_4over6, nvfp4_search, mxfp4, not 'fp8_e4m3'; use 'pallas_triton'"):
+        decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
+    cache, q = _empty_cache("nvfp4_search_b4", 64, 64)  # its PTX tile decode takes blocks of 8 or more
+    with pytest.raises(ValueError, match="not 'nvfp4_search_b4'; use 'pallas_triton'"):
         decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
     cache, q = _empty_cache("nvfp4", 64, 48)
     with pytest.raises(ValueError, match="capacity that is a multiple of 64, got 48"):
@@ -161,7 +165,7 @@ def test_bad_arguments_are_named():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "fmt, implementation",
-    [(fmt, "pallas_triton") for fmt in ("bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8")]
+    [(fmt, "pallas_triton") for fmt in ("bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8", "nvfp4_search_b4")]
     + [(fmt, "pallas_mosaic") for fmt in ("fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8")]
     + [(fmt, "pallas_mosaic_warp") for fmt in ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nvfp4", "mxfp4")],
 )

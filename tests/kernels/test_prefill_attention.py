@@ -50,6 +50,7 @@ CASES = [
     ("nvfp4", 14, 2, 128, [5, 40], 33, 16, True, True),  # group 7, full-precision chunk
     ("mxfp4", 4, 2, 64, [17, 0], 1, None, False, False),  # a one-token chunk
     ("nvfp4_search_b8", 8, 2, 128, [19, 3], 24, None, True, False),  # blocks of 8
+    ("nvfp4_search_b4", 4, 2, 64, [11, 2], 16, None, False, False),  # blocks of 4
     ("fp8_e4m3", 8, 2, 64, [3, 70], 12, None, False, True),
     ("fp8_e5m2", 4, 4, 64, [21], 16, 8, True, False),  # group 1
     ("bf16", 4, 4, 64, [0], 512, 100, False, False),  # a 512-token chunk
@@ -210,7 +211,7 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8", "nvfp4_search_b4"])
 def test_compiled_kernel_matches_reference_on_gpu(fmt):
     layer, start, q, k, v = _chunk_after_prefix(7, fmt, 64, 8, 128, [0, 1000, 333], 700, window=None)
     sinks = jnp.linspace(-1.0, 1.0, 64)

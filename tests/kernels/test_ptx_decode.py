@@ -23,7 +23,7 @@ def _scales(fmt, key, rows=ROWS, width=BYTES):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp4_e2m1", "mxfp4", "nvfp4", "nvfp4_search_b8"])
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "mxfp4", "nvfp4", "nvfp4_search_b8", "nvfp4_search_b4"])
 def test_ptx_decode_matches_portable_decode(fmt):
     codec = get_codec(fmt)
     data = (jnp.arange(ROWS * BYTES) % 256).astype(jnp.uint8).reshape(ROWS, BYTES)

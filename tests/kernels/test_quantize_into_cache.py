@@ -58,7 +58,7 @@ def _xla_encodes_exactly(fmt):
     float32 division on the GPU is not always correctly rounded, which moves Four Over
     Six's and the scale search's error comparisons for some blocks; the Pallas kernel
     divides with PTX div.rn.f32 and matches the CPU."""
-    chooses_by_error = fmt in ("nvfp4_4over6", "nvfp4_search", "nvfp4_search_b8")
+    chooses_by_error = fmt in ("nvfp4_4over6", "nvfp4_search", "nvfp4_search_b8", "nvfp4_search_b4")
     return not (chooses_by_error and jax.default_backend() == "gpu")
 
 
