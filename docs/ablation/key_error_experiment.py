@@ -42,20 +42,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from fp4kv_jax import ablate
-from fp4kv_jax.formats import dequantize, quantize
+from fp4kv_jax.formats import dequantize, get_codec, quantize
 from fp4kv_jax.models import loading, transformer
 from fp4kv_jax.rotation import hadamard_matrix
 
-# (treatment, key format, smoothing exponent or "balanced" or None, bits per key element)
+# (treatment, key format, smoothing exponent or "balanced" or None)
 TREATMENTS = (
-    ("nvfp4_search", "nvfp4_search", None, 4.5),
-    ("nvfp4_search_b8", "nvfp4_search_b8", None, 5.0),
-    ("nvfp4_search_b4", "nvfp4_search_b4", None, 6.0),
-    ("mxfp4", "mxfp4", None, 4.25),
-    ("fp8_e4m3", "fp8_e4m3", None, 8.0),
-    ("nvfp4_search, smooth=0.5", "nvfp4_search", 0.5, 4.5),
-    ("nvfp4_search, smooth=1", "nvfp4_search", 1.0, 4.5),
-    ("nvfp4_search, balanced", "nvfp4_search", "balanced", 4.5),
+    ("nvfp4_search", "nvfp4_search", None),
+    ("nvfp4_search_b8", "nvfp4_search_b8", None),
+    ("nvfp4_search_b4", "nvfp4_search_b4", None),
+    ("mxfp4", "mxfp4", None),
+    ("fp8_e4m3", "fp8_e4m3", None),
+    ("nvfp4_search, smooth=0.5", "nvfp4_search", 0.5),
+    ("nvfp4_search, smooth=1", "nvfp4_search", 1.0),
+    ("nvfp4_search, balanced", "nvfp4_search", "balanced"),
 )
 
 
@@ -204,8 +204,10 @@ def main() -> int:
     windows = ablate.corpus_windows(token_ids, args.context, args.context * args.windows)
     layers = captured_queries_and_keys(model, windows)
     rows = []
-    for name, fmt, how, bits in TREATMENTS:
+    head_dim = layers[0][1].shape[-1]
+    for name, fmt, how in TREATMENTS:
         kl, key_error = score_treatment(layers, fmt, how)
+        bits = get_codec(fmt).bits_per_element(head_dim)
         rows.append(dict(name=name, bits=bits, key_error=key_error, attention_kl_sum=float(kl.sum()),
                          top_share=top_share(kl), attention_kl=kl.tolist()))
         print(f"{name}: attention KL {kl.sum():.3f}, K err {key_error:.4f}", file=sys.stderr, flush=True)
