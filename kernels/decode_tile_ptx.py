@@ -18,6 +18,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fp4kv_jax.formats import e2m1
 
+# E2M1 codes in the 32-bit word the decode scales as a unit: a block scale must cover
+# whole words, so the tile decode takes blocks of CODES_PER_WORD values or more.
+CODES_PER_WORD = 8
 _CHUNK = 16  # packed bytes a thread loads at once
 _WARPGROUP = 128
 _SWIZZLE = 128  # bytes; a swizzle atom is 8 rows of this
@@ -34,7 +37,7 @@ def decode_tile(codec, data_ref, scales_ref, out_ref):
     head_dim = 2 * width
     scales_per_row = head_dim // codec.block_size
     chunks_per_row = width // _CHUNK
-    words_per_scale = codec.block_size // 8  # a 32-bit word holds 8 codes
+    words_per_scale = codec.block_size // CODES_PER_WORD
     if (rows * chunks_per_row) % _WARPGROUP:
         raise ValueError(f"decode_tile: {rows} rows of {width} bytes do not split over a warpgroup.")
 
