@@ -2,9 +2,9 @@
 inline PTX run from every thread of a warpgroup (Mosaic GPU kernels only).
 
 Each thread takes 16-byte chunks of packed bytes (32 codes of one row): one vector
-load, the codec's block scales (two 16-code blocks' in one 16-bit load) turned into
-bf16 pairs, the E2M1 bit decode of
-`e2m1.PTX_WORD_PAIRS` (one multiply a pair of values), and four 16-byte stores into
+load, the codec's block scales (two 16-code blocks' in one 16-bit load, eight 4-code
+blocks' in one 8-byte load) turned into bf16 pairs, the E2M1 bit decode of
+`e2m1.ptx_word_pairs` (one multiply a pair of values), and four 16-byte stores into
 the 128-byte-swizzled tile in channel order: byte c's low code goes to column 2c, its
 high code to column 2c + 1.
 """
@@ -18,9 +18,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fp4kv_jax.formats import e2m1
 
-# E2M1 codes in the 32-bit word the decode scales as a unit: a block scale must cover
-# whole words, so the tile decode takes blocks of CODES_PER_WORD values or more.
+# E2M1 codes in the 32-bit word the decode takes at once. A block scale covers whole
+# words or one half of a word (`e2m1.ptx_word_pairs` scales each half on its own), so
+# the tile decode takes blocks of MIN_BLOCK_SIZE values or more.
 CODES_PER_WORD = 8
+MIN_BLOCK_SIZE = CODES_PER_WORD // 2
 _CHUNK = 16  # packed bytes a thread loads at once
 _WARPGROUP = 128
 _SWIZZLE = 128  # bytes; a swizzle atom is 8 rows of this
@@ -37,7 +39,10 @@ def decode_tile(codec, data_ref, scales_ref, out_ref):
     head_dim = 2 * width
     scales_per_row = head_dim // codec.block_size
     chunks_per_row = width // _CHUNK
-    words_per_scale = codec.block_size // CODES_PER_WORD
+    words_per_scale = max(1, codec.block_size // CODES_PER_WORD)
+    scales_per_word = max(1, CODES_PER_WORD // codec.block_size)
+    if codec.block_size < MIN_BLOCK_SIZE:
+        raise ValueError(f"decode_tile: blocks of {codec.block_size} values; it takes {MIN_BLOCK_SIZE} or more.")
     if (rows * chunks_per_row) % _WARPGROUP:
         raise ValueError(f"decode_tile: {rows} rows of {width} bytes do not split over a warpgroup.")
 
@@ -64,7 +69,9 @@ def decode_tile(codec, data_ref, scales_ref, out_ref):
                          arith.addi(data_base, arith.addi(arith.muli(row, const(width)), column)), [i32] * 4)
             first_block = arith.divui(arith.muli(column, const(2)), const(codec.block_size))
             scale_base = arith.addi(scales_base, arith.addi(arith.muli(row, const(scales_per_row)), first_block))
-            if words_per_scale == 2:  # the chunk's two block scales, one 16-bit load
+            if scales_per_word == 2:  # the chunk's eight block scales, one 8-byte load
+                scale_bytes = load("ld.shared.v2.b32 {$0, $1}, [$2];", scale_base, [i32] * 2)
+            elif words_per_scale == 2:  # the chunk's two block scales, one 16-bit load
                 scale_bytes = [load("ld.shared.u16 $0, [$1];", scale_base, i32)]
             else:  # a block scale for each `words_per_scale` words
                 scale_bytes = [
@@ -72,17 +79,32 @@ def decode_tile(codec, data_ref, scales_ref, out_ref):
                     for j in range(0, 4, words_per_scale)
                 ]
             loaded.append((words, scale_bytes))
+
+        def scale_pair(two_bytes):  # bytes 0 and 1 of an i32 -> their two bf16 scales
+            return mgpu_utils.inline_ptx(
+                codec.plane_scale_pair_ptx, two_bytes, arith.shrui(two_bytes, const(8)), result_types=i32
+            )
+
+        def both_halves(pair):  # a scale pair -> (low scale, high scale), each in both halves
+            return tuple(mgpu_utils.inline_ptx(f"prmt.b32 $0, $1, $1, {selector};", pair, result_types=i32)
+                         for selector in ("0x1010", "0x3232"))
+
         for row, (words, scale_bytes) in zip(rows_of, loaded):
-            if words_per_scale == 2:
-                pair = mgpu_utils.inline_ptx(
-                    codec.plane_scale_pair_ptx, scale_bytes[0], arith.shrui(scale_bytes[0], const(8)), result_types=i32
-                )
-                scales = [mgpu_utils.inline_ptx(f"prmt.b32 $0, $1, $1, {selector};", pair, result_types=i32)
-                          for selector in ("0x1010", "0x3232")]
+            if scales_per_word == 2:  # word j's two scales: bytes 2j and 2j + 1 of the eight
+                word_scales = [
+                    both_halves(scale_pair(arith.andi(arith.shrui(scale_bytes[j // 2], const(16 * (j % 2))), const(0xFFFF))))
+                    for j in range(4)
+                ]
+            elif words_per_scale == 2:
+                first, second = both_halves(scale_pair(scale_bytes[0]))
+                word_scales = [(first,), (first,), (second,), (second,)]
             else:
                 scales = [mgpu_utils.inline_ptx(codec.plane_scale_ptx, b, result_types=i32) for b in scale_bytes]
+                word_scales = [(scales[j // words_per_scale],) for j in range(4)]
             for j, word in enumerate(words):
-                pairs = mgpu_utils.inline_ptx(e2m1.PTX_WORD_PAIRS, word, scales[j // words_per_scale], result_types=[i32] * 4)
+                pairs = mgpu_utils.inline_ptx(
+                    e2m1.ptx_word_pairs(scales_per_word), word, *word_scales[j], result_types=[i32] * 4
+                )
                 col = arith.addi(arith.muli(column, const(2)), const(8 * j))  # the word's 8 channels: one 16-byte store
                 mgpu_utils.inline_ptx(
                     "st.shared.v4.b32 [$0], {$1, $2, $3, $4};",

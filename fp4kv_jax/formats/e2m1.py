@@ -215,27 +215,33 @@ PTX_E4M3_SCALE_PAIR = (
 )
 
 
-# PTX decoding the 8 codes of one 32-bit word of 4 packed bytes b0..b3 into 4 bf16
-# pairs in channel order: $n = (low code, high code) of byte n, channels 2n and 2n + 1;
-# $4 the word, $5 the bf16 scale pair. The low and high codes are masked apart, and a
-# byte permute takes byte n of each into the two 16-bit halves (zero bytes by
-# replicating the sign bit of a byte that has none). A nibble x at bits 0-3 of a half
-# then becomes (x << 6) | (x << 12) by one multiply (the two never overlap, so the sum
-# is the OR): magnitude at bits 6-8, sign at bit 15 once masked, read as
-# value * 2**-126 like `_ptx_decode`'s.
-PTX_WORD_PAIRS = """{
-.reg .b32 lo, hi, x, y0, y1, y2, y3;
-and.b32 lo, $4, 0x0F0F0F0F;
-shr.u32 hi, $4, 4;
-and.b32 hi, hi, 0x0F0F0F0F;
-""" + "".join(
-    f"prmt.b32 x, lo, hi, {n | (8 | n) << 4 | (4 + n) << 8 | (12 + n) << 12:#06x};\nmul.lo.u32 x, x, 4160;\n"
-    f"and.b32 x, x, 0x81C081C0;\nmul.rn.bf16x2 y{n}, x, $5;\n"
-    for n in range(4)
-) + "mov.b32 $0, y0;\nmov.b32 $1, y1;\nmov.b32 $2, y2;\nmov.b32 $3, y3;\n}"  # outputs last: they may share inputs' registers
+def ptx_word_pairs(scales_per_word: int) -> str:
+    """PTX decoding the 8 codes of one 32-bit word of 4 packed bytes b0..b3 into 4 bf16
+    pairs in channel order: $n = (low code, high code) of byte n, channels 2n and
+    2n + 1; $4 the word, then `scales_per_word` (1 or 2) bf16 scale pairs, $5 for
+    channels 0-7 or, with 2, $5 for channels 0-3 and $6 for 4-7 (blocks of 4).
+
+    The low and high codes are masked apart, and a byte permute takes byte n of each
+    into the two 16-bit halves (zero bytes by replicating the sign bit of a byte that
+    has none). A nibble x at bits 0-3 of a half then becomes (x << 6) | (x << 12) by
+    one multiply (the two never overlap, so the sum is the OR): magnitude at bits 6-8,
+    sign at bit 15 once masked, read as value * 2**-126 like `_ptx_decode`'s.
+    """
+    if scales_per_word not in (1, 2):
+        raise ValueError(f"scales_per_word: 1 or 2, got {scales_per_word}.")
+    return (
+        "{\n.reg .b32 lo, hi, x, y0, y1, y2, y3;\n"
+        "and.b32 lo, $4, 0x0F0F0F0F;\nshr.u32 hi, $4, 4;\nand.b32 hi, hi, 0x0F0F0F0F;\n"
+        + "".join(
+            f"prmt.b32 x, lo, hi, {n | (8 | n) << 4 | (4 + n) << 8 | (12 + n) << 12:#06x};\nmul.lo.u32 x, x, 4160;\n"
+            f"and.b32 x, x, 0x81C081C0;\nmul.rn.bf16x2 y{n}, x, ${5 + n * scales_per_word // 4};\n"
+            for n in range(4)
+        )
+        + "mov.b32 $0, y0;\nmov.b32 $1, y1;\nmov.b32 $2, y2;\nmov.b32 $3, y3;\n}"  # outputs last: they may share inputs' registers
+    )
 
 
-# The decode of `PTX_WORD_PAIRS` for two codes 16 bits apart, lane by lane: `src`
+# The decode of `ptx_word_pairs` for two codes 16 bits apart, lane by lane: `src`
 # masked to one nibble a 16-bit half (at bits 0-3, or 4-7 when `high`), spread by one
 # multiply, masked to the bf16 bits and scaled by the bf16 pair `scale`, into `out`.
 def _ptx_half_pair(out: str, src: str, high: bool, scale: str) -> str:

@@ -11,16 +11,16 @@ from jax.experimental import pallas as pl
 
 from fp4kv_jax.formats import QuantizedTensor, format_names, get_codec
 from fp4kv_jax.kernels import tiles
-from fp4kv_jax.kernels.decode_tile_ptx import CODES_PER_WORD
+from fp4kv_jax.kernels.decode_tile_ptx import MIN_BLOCK_SIZE
 
 PROGRAMS_PER_SM = 4
 DEFAULT_SMS = 132
 # What the Mosaic GPU kernels take: GQA groups of up to 16, and for pallas_mosaic the
 # packed FP4 formats, whose codecs give the PTX of a block-scale decode, in blocks the
-# tile decode takes (`decode_tile_ptx.CODES_PER_WORD` values or more).
+# tile decode takes (`decode_tile_ptx.MIN_BLOCK_SIZE` values or more).
 PACKED_FP4_FORMATS = tuple(
     name for name in format_names()
-    if get_codec(name).plane_scale_ptx is not None and get_codec(name).block_size >= CODES_PER_WORD
+    if get_codec(name).plane_scale_ptx is not None and get_codec(name).block_size >= MIN_BLOCK_SIZE
 )
 MAX_PACKED_GROUP = 16
 

@@ -67,6 +67,7 @@ MOSAIC_CASES = [
     ("nvfp4", 32, 2, 128, [70, 3], 128, 20, True),  # group 16, window, sinks
     ("mxfp4", 6, 6, 128, [128, 65], 128, None, True),  # group 1
     ("nvfp4_search_b8", 4, 2, 64, [90, 7], 128, None, False),  # blocks of 8
+    ("nvfp4_search_b4", 4, 2, 128, [66], 128, None, False),  # blocks of 4
 ]
 
 
@@ -91,10 +92,7 @@ def _empty_cache(fmt, head_dim, max_len):
 
 def test_mosaic_kernel_refuses_what_it_does_not_handle():
     cache, q = _empty_cache("fp8_e4m3", 64, 64)
-    with pytest.raises(ValueError, match="'pallas_mosaic' handles nvfp4_search_b8, fp4_e2m1, nvfp4, nvfp4_4over6, nvfp4_search, mxfp4, not 'fp8_e4m3'; use 'pallas_triton'"):
-        decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
-    cache, q = _empty_cache("nvfp4_search_b4", 64, 64)  # its PTX tile decode takes blocks of 8 or more
-    with pytest.raises(ValueError, match="not 'nvfp4_search_b4'; use 'pallas_triton'"):
+    with pytest.raises(ValueError, match="'pallas_mosaic' handles nvfp4_search_b4, nvfp4_search_b8, fp4_e2m1, nvfp4, nvfp4_4over6, nvfp4_search, mxfp4, not 'fp8_e4m3'; use 'pallas_triton'"):
         decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic")
     cache, q = _empty_cache("nvfp4", 64, 48)
     with pytest.raises(ValueError, match="capacity that is a multiple of 64, got 48"):
@@ -166,7 +164,7 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize(
     "fmt, implementation",
     [(fmt, "pallas_triton") for fmt in ("bf16", "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8", "nvfp4_search_b4")]
-    + [(fmt, "pallas_mosaic") for fmt in ("fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8")]
+    + [(fmt, "pallas_mosaic") for fmt in ("fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8", "nvfp4_search_b4")]
     + [(fmt, "pallas_mosaic_warp") for fmt in ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nvfp4", "mxfp4")],
 )
 def test_compiled_kernel_matches_reference_on_gpu(fmt, implementation):

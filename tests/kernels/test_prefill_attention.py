@@ -82,6 +82,7 @@ MOSAIC_CASES = [
     ("mxfp4", 6, 2, 128, [100, 0], 150, 256, None, True, 128, 5),  # group 3, three query blocks; 36 items over 5
     ("nvfp4_4over6", 4, 2, 64, [70, 5], 1, 128, 32, False, 64, None),  # a one-token chunk
     ("nvfp4_search_b8", 4, 2, 128, [40, 0], 30, 128, None, True, 64, None),  # blocks of 8
+    ("nvfp4_search_b4", 4, 2, 64, [21], 12, 128, None, False, 64, None),  # blocks of 4
 ]
 
 
@@ -114,7 +115,7 @@ def _empty_layer(fmt, capacity):
 
 def test_mosaic_kernel_refuses_what_it_does_not_handle():
     layer, start, q, k, v = _empty_layer("fp8_e4m3", 128)
-    with pytest.raises(ValueError, match="'pallas_mosaic' handles nvfp4_search_b8, fp4_e2m1, nvfp4, nvfp4_4over6, nvfp4_search, mxfp4, not 'fp8_e4m3'"):
+    with pytest.raises(ValueError, match="'pallas_mosaic' handles nvfp4_search_b4, nvfp4_search_b8, fp4_e2m1, nvfp4, nvfp4_4over6, nvfp4_search, mxfp4, not 'fp8_e4m3'"):
         prefill_attention(q, layer, start, implementation="pallas_mosaic")
     layer, start, q, k, v = _empty_layer("nvfp4", 128)
     with pytest.raises(ValueError, match="'pallas_mosaic' attends to the chunk as stored"):
@@ -222,7 +223,7 @@ def test_compiled_kernel_matches_reference_on_gpu(fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8"])
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "nvfp4", "mxfp4", "nvfp4_search_b8", "nvfp4_search_b4"])
 def test_compiled_mosaic_kernel_matches_reference_on_gpu(fmt):
     """The default schedule over ragged prefixes with sinks, and over a window."""
     ragged = _chunk_after_prefix(9, fmt, 64, 8, 128, [0, 1000, 333], 700, capacity=1792)

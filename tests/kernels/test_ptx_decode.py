@@ -42,7 +42,7 @@ def test_ptx_decode_matches_portable_decode(fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp4_e2m1", "mxfp4", "nvfp4", "nvfp4_search_b8"])
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "mxfp4", "nvfp4", "nvfp4_search_b8", "nvfp4_search_b4"])
 @pytest.mark.parametrize("width", [32, 64])  # head_dim 64 and 128
 def test_mosaic_tile_decode_matches_portable_decode(fmt, width):
     from jax.experimental.pallas import mosaic_gpu as plgpu
