@@ -12,9 +12,9 @@ Implementations:
   "pallas_mosaic_warp"  the same for bf16, fp16, fp8 and packed FP4 caches, one warp a
                    split, decoding into mma.sync's registers (Mosaic GPU lowering,
                    inline PTX); GPU only.
-On GPU the default is "pallas_mosaic_warp" where it handles the layer (the fastest,
-docs/benchmarks.md), else "pallas_triton" (for buffers its 32-bit offsets can
-address); "reference" elsewhere.
+On GPU the default is the first of "pallas_mosaic_warp" and "pallas_mosaic" that
+handles the layer (the fastest, then the next: docs/benchmarks.md), else
+"pallas_triton" (for buffers its 32-bit offsets can address); "reference" elsewhere.
 """
 
 from __future__ import annotations
@@ -114,12 +114,14 @@ def decode_attention(
 
 def _default_implementation(q, layer: LayerCache) -> str:
     implementation = tiles.default_attention_implementation(layer)
-    if implementation == "pallas_triton":
+    if implementation != "pallas_triton":
+        return implementation
+    for name, kernel in (("pallas_mosaic_warp", pallas_mosaic_warp), ("pallas_mosaic", pallas_mosaic)):
         try:
-            pallas_mosaic_warp.check_supported(layer.k, q.shape[1] // layer.k.shape[1])
+            kernel.check_supported(layer.k, q.shape[1] // layer.k.shape[1])
         except ValueError:
-            return implementation
-        return "pallas_mosaic_warp"
+            continue
+        return name
     return implementation
 
 

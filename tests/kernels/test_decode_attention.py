@@ -210,7 +210,7 @@ def test_warp_kernel_matches_reference_on_gpu(fmt, heads, kv_heads, head_dim, le
 
 def test_warp_kernel_leaves_blocks_of_8_to_the_other_kernels():
     # A warp lane's 16 value columns need one block scale; decode_attention's GPU default
-    # then falls back to pallas_triton.
+    # is then pallas_mosaic.
     cache, _ = _empty_cache("nvfp4_search_b8", 128, 64)
     with pytest.raises(ValueError, match="'pallas_mosaic_warp' handles .*, not 'nvfp4_search_b8'"):
         pallas_mosaic_warp.check_supported(cache.layers[0].k, group=2)
@@ -231,13 +231,32 @@ def test_warp_kernel_refuses_to_run_without_a_gpu():
             decode_attention(q, cache.layers[0], cache.lengths, implementation="pallas_mosaic_warp")
 
 
+@pytest.mark.parametrize("fmt, head_dim, capacity, kernel", [
+    ("nvfp4", 64, 64, "pallas_mosaic_warp"),
+    ("nvfp4_search_b8", 128, 64, "pallas_mosaic"),  # blocks the warp kernel refuses
+    ("nvfp4_search_b4", 64, 64, "pallas_mosaic"),
+    ("nvfp4", 64, 48, "pallas_triton"),  # a capacity neither Mosaic kernel takes
+    ("float32", 64, 64, "pallas_triton"),
+])
+def test_gpu_default_takes_the_first_kernel_that_handles_the_layer(monkeypatch, fmt, head_dim, capacity, kernel):
+    from fp4kv_jax.kernels import decode_attention as op
+
+    monkeypatch.setattr(op.tiles, "default_attention_implementation", lambda layer: "pallas_triton")  # as on a GPU
+    cache, q = _empty_cache(fmt, head_dim, capacity)
+    assert op._default_implementation(q, cache.layers[0]) == kernel
+
+
 @pytest.mark.gpu
-def test_gpu_default_is_the_warp_kernel_where_it_handles_the_layer():
+def test_gpu_default_is_the_warp_kernel_else_the_mosaic_kernel_where_they_handle_the_layer():
     from fp4kv_jax.kernels.decode_attention import _default_implementation
 
-    for fmt, head_dim in (("nvfp4", 64), ("nvfp4", 128), ("fp8_e4m3", 128), ("bf16", 64)):
+    for fmt, head_dim, kernel in (
+        ("nvfp4", 64, "pallas_mosaic_warp"), ("nvfp4", 128, "pallas_mosaic_warp"),
+        ("fp8_e4m3", 128, "pallas_mosaic_warp"), ("bf16", 64, "pallas_mosaic_warp"),
+        ("nvfp4_search_b8", 128, "pallas_mosaic"), ("nvfp4_search_b4", 64, "pallas_mosaic"),
+    ):
         cache, q = _filled_cache(4, fmt, 16, 2, head_dim, [200, 7], 256, None)
-        assert _default_implementation(q, cache.layers[0]) == "pallas_mosaic_warp"
+        assert _default_implementation(q, cache.layers[0]) == kernel
         ref = decode_attention(q, cache.layers[0], cache.lengths, implementation="reference")
         assert relative_error(decode_attention(q, cache.layers[0], cache.lengths), ref) < 1e-2
     f32, q = _filled_cache(4, "float32", 16, 2, 128, [200, 7], 256, None)
