@@ -59,27 +59,59 @@ TREATMENTS = (
 )
 
 
-def captured_queries_and_keys(model, windows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per layer, (q float32 [W, T, Hq, D], k float32 [W, T, Hkv, D]) after RoPE, from an
-    uncached forward pass over each window."""
-    captured = []
+def parse_model_and_windows(description: str):
+    """Parses --corpus, --context, --windows and --out; returns (the arguments,
+    SmolLM2-135M in float32, the corpus's name, the token windows int [W, context])."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--corpus", required=True, help="UTF-8 text file")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    model = loading.from_pretrained("smollm2-135m", jnp.float32)
+    corpus_name, texts = ablate.load_corpus(args.corpus)
+    token_ids = ablate.tokenize_texts(model.tokenizer, texts)
+    return args, model, corpus_name, ablate.corpus_windows(token_ids, args.context, args.context * args.windows)
+
+
+def captured(model, windows: np.ndarray, record) -> list[tuple[np.ndarray, ...]]:
+    """Per layer, the arrays `record(q, k, positions, rope)` returns for a window (q
+    [1, T, Hq, D] and k [1, T, Hkv, D] after RoPE, as `Attention.project` gives them),
+    each stacked over the windows, from an uncached forward pass over each window."""
+    layers = []
     project = transformer.Attention.project
 
     def recording(self, x, positions, rope):
         q, k, v = project(self, x, positions, rope)
-        captured.append((np.asarray(q[0], np.float32), np.asarray(k[0], np.float32)))
+        layers.append(record(q, k, positions, rope))
         return q, k, v
 
     transformer.Attention.project = recording
     try:
         per_window = []
         for window in windows:
-            captured.clear()
+            layers.clear()
             model(jnp.asarray(window[None]))
-            per_window.append(list(captured))
+            per_window.append(list(layers))
     finally:
         transformer.Attention.project = project
     return [tuple(np.stack(parts) for parts in zip(*layer)) for layer in zip(*per_window)]
+
+
+def queries_and_keys(q, k, positions, rope) -> tuple[np.ndarray, np.ndarray]:
+    """`captured`'s record of (q [T, Hq, D], k [T, Hkv, D]) after RoPE, float32."""
+    del positions, rope
+    return np.asarray(q[0], np.float32), np.asarray(k[0], np.float32)
+
+
+def write_results(out: str, results: dict, table: str) -> Path:
+    """Writes results.json and results.md (`table`) into the folder `out`; prints the table."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (folder / "results.md").write_text(table)
+    print(table)
+    return folder
 
 
 def _symmetric_power(matrix: np.ndarray, power: float) -> np.ndarray:
@@ -159,15 +191,21 @@ def top_share(kl: np.ndarray, fraction: float = 0.1) -> float:
     return float(ordered[: max(1, round(fraction * ordered.size))].sum() / ordered.sum())
 
 
-def markdown(results: dict) -> str:
-    base = results["treatments"][0]["attention_kl_sum"]
+def markdown(results: dict, keys: str = "keys (centered, Hadamard-rotated)", baseline: str = "nvfp4_search") -> str:
+    """The treatments' table, their attention KL against the first row's (`baseline`),
+    with a column of bits where the rows have them."""
+    rows = results["treatments"]
+    base = rows[0]["attention_kl_sum"]
+    has_bits = "bits" in rows[0]
     lines = [
-        "| keys (centered, Hadamard-rotated) | bits/key elem | K err | attention KL (sum) | vs nvfp4_search | top 10% heads' share |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| {keys} |" + (" bits/key elem |" if has_bits else "")
+        + f" K err | attention KL (sum) | vs {baseline} | top 10% heads' share |",
+        "|---|" + "---:|" * (4 + has_bits),
     ]
-    for row in results["treatments"]:
+    for row in rows:
         lines.append(
-            f"| {row['name']} | {row['bits']:g} | {row['key_error']:.4f} | {row['attention_kl_sum']:.3f} "
+            f"| {row['name']} |" + (f" {row['bits']:g} |" if has_bits else "")
+            + f" {row['key_error']:.4f} | {row['attention_kl_sum']:.3f} "
             f"| {row['attention_kl_sum'] / base:.2f}x | {row['top_share']:.0%} |"
         )
     return "\n".join(lines) + "\n"
@@ -192,17 +230,8 @@ def plot_by_head(kl: np.ndarray, path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", required=True, help="UTF-8 text file")
-    parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--windows", type=int, default=2)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    model = loading.from_pretrained("smollm2-135m", jnp.float32)
-    corpus_name, texts = ablate.load_corpus(args.corpus)
-    token_ids = ablate.tokenize_texts(model.tokenizer, texts)
-    windows = ablate.corpus_windows(token_ids, args.context, args.context * args.windows)
-    layers = captured_queries_and_keys(model, windows)
+    args, model, corpus_name, windows = parse_model_and_windows(__doc__.split("\n\n")[0])
+    layers = captured(model, windows, queries_and_keys)
     rows = []
     head_dim = layers[0][1].shape[-1]
     for name, fmt, how in TREATMENTS:
@@ -216,12 +245,8 @@ def main() -> int:
                     jax=jax.__version__, device=jax.devices()[0].device_kind),
         treatments=rows,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    out = write_results(args.out, results, markdown(results))
     plot_by_head(np.asarray(rows[0]["attention_kl"]), out / "attention_kl_by_head.png")
-    print(markdown(results))
     return 0
 
 

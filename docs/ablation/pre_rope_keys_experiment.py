@@ -29,21 +29,18 @@ windows of 2,048 tokens.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp4kv_jax import ablate
 from fp4kv_jax.formats import dequantize, quantize
-from fp4kv_jax.models import loading, transformer
 from fp4kv_jax.models.layers import apply_rope
 
-from key_error_experiment import attention_kl, stored_keys, top_share
+from key_error_experiment import (
+    attention_kl, captured, markdown, parse_model_and_windows, stored_keys, top_share, write_results,
+)
 
 FORMAT = "nvfp4_search"
 TREATMENTS = (
@@ -52,34 +49,16 @@ TREATMENTS = (
 )
 
 
-def captured_queries_and_keys(model, windows: np.ndarray) -> list[tuple[np.ndarray, ...]]:
-    """Per layer, (q [W, T, Hq, D] after RoPE, k [W, T, Hkv, D] after RoPE, k before
-    RoPE, cos and sin [T, D/2] of the positions' angles), float32, from an uncached
-    forward pass over each window."""
-    captured = []
-    project = transformer.Attention.project
-
-    def recording(self, x, positions, rope):
-        q, k, v = project(self, x, positions, rope)
-        inv_freq, scale = rope
-        if scale != 1.0:
-            raise ValueError(f"rope: this exploration needs a RoPE scale of 1, got {scale}.")
-        before = apply_rope(k, -positions, inv_freq, scale)  # RoPE turns each pair: -p undoes p
-        angles = np.asarray(positions[0], np.float64)[:, None] * np.asarray(inv_freq, np.float64)
-        captured.append((np.asarray(q[0], np.float32), np.asarray(k[0], np.float32),
-                         np.asarray(before[0], np.float32), np.cos(angles), np.sin(angles)))
-        return q, k, v
-
-    transformer.Attention.project = recording
-    try:
-        per_window = []
-        for window in windows:
-            captured.clear()
-            model(jnp.asarray(window[None]))
-            per_window.append(list(captured))
-    finally:
-        transformer.Attention.project = project
-    return [tuple(np.stack(parts) for parts in zip(*layer)) for layer in zip(*per_window)]
+def queries_and_keys_both_sides_of_rope(q, k, positions, rope) -> tuple[np.ndarray, ...]:
+    """`captured`'s record of q [T, Hq, D] and k [T, Hkv, D] after RoPE, k before it,
+    and cos and sin [T, D/2] of the positions' angles, float32 and float64."""
+    inv_freq, scale = rope
+    if scale != 1.0:
+        raise ValueError(f"rope: this exploration needs a RoPE scale of 1, got {scale}.")
+    before = apply_rope(k, -positions, inv_freq, scale)  # RoPE turns each pair: -p undoes p
+    angles = np.asarray(positions[0], np.float64)[:, None] * np.asarray(inv_freq, np.float64)
+    return (np.asarray(q[0], np.float32), np.asarray(k[0], np.float32), np.asarray(before[0], np.float32),
+            np.cos(angles), np.sin(angles))
 
 
 def turned(k: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -128,32 +107,9 @@ def score(layers, treatment: str) -> tuple[np.ndarray, float]:
     return kl, float(np.sqrt(error / norm))
 
 
-def markdown(results: dict) -> str:
-    base = results["treatments"][0]["attention_kl_sum"]
-    lines = [
-        f"| keys ({FORMAT}) | K err | attention KL (sum) | vs after RoPE | top 10% heads' share |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in results["treatments"]:
-        lines.append(
-            f"| {row['name']} | {row['key_error']:.4f} | {row['attention_kl_sum']:.3f} "
-            f"| {row['attention_kl_sum'] / base:.2f}x | {row['top_share']:.0%} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", required=True, help="UTF-8 text file")
-    parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--windows", type=int, default=2)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    model = loading.from_pretrained("smollm2-135m", jnp.float32)
-    corpus_name, texts = ablate.load_corpus(args.corpus)
-    token_ids = ablate.tokenize_texts(model.tokenizer, texts)
-    windows = ablate.corpus_windows(token_ids, args.context, args.context * args.windows)
-    layers = captured_queries_and_keys(model, windows)
+    args, model, corpus_name, windows = parse_model_and_windows(__doc__.split("\n\n")[0])
+    layers = captured(model, windows, queries_and_keys_both_sides_of_rope)
     rows = []
     for treatment in TREATMENTS:
         kl, key_error = score(layers, treatment)
@@ -165,11 +121,7 @@ def main() -> int:
                     key_format=FORMAT, jax=jax.__version__, device=jax.devices()[0].device_kind),
         treatments=rows,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(results))
-    print(markdown(results))
+    write_results(args.out, results, markdown(results, keys=f"keys ({FORMAT})", baseline="after RoPE"))
     return 0
 
 
