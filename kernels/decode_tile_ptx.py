@@ -41,6 +41,7 @@ def decode_tile(codec, data_ref, scales_ref, out_ref):
     chunks_per_row = width // _CHUNK
     words_per_scale = max(1, codec.block_size // CODES_PER_WORD)
     scales_per_word = max(1, CODES_PER_WORD // codec.block_size)
+    word_pairs_ptx = e2m1.ptx_word_pairs(scales_per_word)
     if codec.block_size < MIN_BLOCK_SIZE:
         raise ValueError(f"decode_tile: blocks of {codec.block_size} values; it takes {MIN_BLOCK_SIZE} or more.")
     if (rows * chunks_per_row) % _WARPGROUP:
@@ -102,9 +103,7 @@ def decode_tile(codec, data_ref, scales_ref, out_ref):
                 scales = [mgpu_utils.inline_ptx(codec.plane_scale_ptx, b, result_types=i32) for b in scale_bytes]
                 word_scales = [(scales[j // words_per_scale],) for j in range(4)]
             for j, word in enumerate(words):
-                pairs = mgpu_utils.inline_ptx(
-                    e2m1.ptx_word_pairs(scales_per_word), word, *word_scales[j], result_types=[i32] * 4
-                )
+                pairs = mgpu_utils.inline_ptx(word_pairs_ptx, word, *word_scales[j], result_types=[i32] * 4)
                 col = arith.addi(arith.muli(column, const(2)), const(8 * j))  # the word's 8 channels: one 16-byte store
                 mgpu_utils.inline_ptx(
                     "st.shared.v4.b32 [$0], {$1, $2, $3, $4};",
