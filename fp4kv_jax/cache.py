@@ -30,10 +30,11 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fp4kv_jax import channel_keys
+from fp4kv_jax import channel_keys, key_rounding
 from fp4kv_jax.formats import QuantizedTensor, get_codec
-from fp4kv_jax.kernels.quantize_into_cache import quantize_into_cache, token_slots
+from fp4kv_jax.kernels.quantize_into_cache import quantize_into_cache, token_slots, write_rows
 from fp4kv_jax.models.configs import ModelConfig, get_config
 from fp4kv_jax.rotation import hadamard_matrix, hadamard_rotate
 
@@ -80,6 +81,9 @@ class LayerCache:
         ignores, while the quantized keys lose their common offset.
       value_mean: the same for values (centered values); attention adds it back to
         its output, exactly when the weights sum to 1 (no sinks).
+      key_rounding: float32 [Hkv, D, D] or None: the factor that query-aware key
+        rounding (`fp4kv_jax.key_rounding`) rounds this layer's keys against, from
+        calibrated query moments; None for nearest rounding.
     """
 
     k: QuantizedTensor
@@ -95,6 +99,7 @@ class LayerCache:
     keys_per_channel: bool = dataclasses.field(default=False, metadata=dict(static=True))
     key_mean: jax.Array | None = None
     value_mean: jax.Array | None = None
+    key_rounding: jax.Array | None = None
 
     @property
     def capacity(self) -> int:
@@ -201,6 +206,7 @@ def init_cache(
     per_channel_keys: bool = False,
     center_keys: bool = False,
     center_values: bool = False,
+    query_moments: np.ndarray | None = None,
 ) -> KVCache:
     """An empty cache for `config` (a ModelConfig, built-in id or HF directory).
 
@@ -233,6 +239,10 @@ def init_cache(
         key (value) of the first chunk written to it (`LayerCache.key_mean`,
         `value_mean`): exact in attention without sinks. Kept positions hold them
         centered too. Not combined with per_channel_keys.
+      query_moments: float32 [layers, Hkv, D, D], the queries' second moments from
+        `fp4kv_jax.key_rounding.query_moments` on a calibration text: every layer whose
+        keys are packed FP4 then rounds them query-aware (`LayerCache.key_rounding`).
+        Not combined with per_channel_keys.
     """
     config = get_config(config)
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):
@@ -258,6 +268,7 @@ def init_cache(
             "center_keys, center_values: not combined with per_channel_keys, whose key "
             "blocks are quantized from the recent window's copies."
         )
+    factors = _rounding_factors(config, key_formats, query_moments, rotate_keys, per_channel_keys)
     layers = []
     for layer, (key_fmt, value_fmt) in enumerate(zip(key_formats, value_formats)):
         for fmt in (key_fmt, value_fmt):
@@ -287,7 +298,7 @@ def init_cache(
             LayerCache(
                 empty_tensor(key_fmt, shape), empty_tensor(value_fmt, shape), window, ring,
                 rotate_keys, rotate_values, kept_k, kept_v, keep_first, keep_recent, per_channel_keys,
-                mean(center_keys), mean(center_values),
+                mean(center_keys), mean(center_values), factors[layer],
             )
         )
     return KVCache(
@@ -297,6 +308,32 @@ def init_cache(
         nonfinite=jnp.zeros((), bool),
         max_len=max_len,
     )
+
+
+def _rounding_factors(config, key_formats, query_moments, rotated: bool, per_channel_keys: bool) -> list:
+    """Each layer's `LayerCache.key_rounding`: None everywhere without query_moments,
+    else the factor for every layer whose keys are packed FP4."""
+    if query_moments is None:
+        return [None] * config.num_layers
+    moments = np.asarray(query_moments)
+    expected = (config.num_layers, config.num_kv_heads, config.head_dim, config.head_dim)
+    if moments.shape != expected or not np.all(np.isfinite(moments)):
+        raise ValueError(
+            f"query_moments: expected finite float [layers, kv_heads, head_dim, head_dim] = {expected}, "
+            f"got shape {moments.shape}{'' if moments.shape != expected else ' with non-finite entries'}."
+        )
+    if per_channel_keys:
+        raise ValueError("query_moments: query-aware rounding is not combined with per_channel_keys.")
+    rounded = [key_rounding.rounds(fmt) for fmt in key_formats]
+    if not any(rounded):
+        raise ValueError(
+            f"query_moments: query-aware rounding needs packed FP4 keys; the keys are stored as "
+            f"{sorted(set(key_formats))}."
+        )
+    return [
+        key_rounding.rounding_factor(moments[layer], rotated=rotated) if rounds else None
+        for layer, rounds in enumerate(rounded)
+    ]
 
 
 def _is_concrete(x) -> bool:
@@ -371,7 +408,12 @@ def write_layer(
     def write(stored, new):
         return quantize_into_cache(new, stored, cache.lengths, num_tokens=fitting, ring=lc.ring)
 
-    written = dataclasses.replace(lc, k=write(lc.k, k), v=write(lc.v, v))
+    if lc.key_rounding is None:
+        stored_k = write(lc.k, k)
+    else:
+        data, scales = key_rounding.round_keys(k.astype(jnp.float32), lc.k.fmt, lc.k.global_scale, lc.key_rounding)
+        stored_k = write_rows(lc.k, data, scales, cache.lengths, fitting, ring=lc.ring)
+    written = dataclasses.replace(lc, k=stored_k, v=write(lc.v, v))
     if lc.keys_per_channel:
         written = dataclasses.replace(written, k=_write_key_blocks(lc, written.k, k, cache.lengths, fitting))
     if lc.keeps_positions:

@@ -27,7 +27,7 @@ def _layout(cache: KVCache) -> dict:
                 "keep_first": lc.keep_first, "keep_recent": lc.keep_recent,
                 "kept_dtype": "bf16" if lc.kept_k is None else kept_dtype_name(lc.kept_k.dtype),
                 "keys_per_channel": lc.keys_per_channel, "keys_centered": lc.key_mean is not None,
-                "values_centered": lc.value_mean is not None,
+                "values_centered": lc.value_mean is not None, "keys_rounded": lc.key_rounding is not None,
             }
             for lc in cache.layers
         ],
@@ -46,6 +46,11 @@ def _mean_buffer(spec: dict, flag: str):
     return jnp.zeros((batch, heads, head_dim), jnp.float32) if spec.get(flag, False) else None
 
 
+def _rounding_buffer(spec: dict):
+    _, heads, _, head_dim = spec["shape"]
+    return jnp.zeros((heads, head_dim, head_dim), jnp.float32) if spec.get("keys_rounded", False) else None
+
+
 def _empty_from_layout(layout: dict) -> KVCache:
     layers = tuple(
         LayerCache(
@@ -62,6 +67,7 @@ def _empty_from_layout(layout: dict) -> KVCache:
             spec.get("keys_per_channel", False),
             _mean_buffer(spec, "keys_centered"),
             _mean_buffer(spec, "values_centered"),
+            _rounding_buffer(spec),
         )
         for spec in layout["layers"]
     )

@@ -116,7 +116,12 @@ def run_generate(args) -> int:
     cache_dtype, cache_options = args.cache_dtype, {}
     if cache_dtype != "auto":
         recipe = recipe_from_name(cache_dtype)
-        cache_dtype, cache_options = recipe.cache_dtype, dict(recipe.options)
+        query_moments = None
+        if recipe.rounds_keys:
+            from fp4kv_jax.ablate import calibration_moments, load_corpus
+
+            query_moments = calibration_moments(model, load_corpus(args.calibration, "--calibration")[1])
+        cache_dtype, cache_options = recipe.cache_dtype, recipe.cache_options(query_moments)
     try:
         result = generate(
             model, [prompt], max_new_tokens=args.max_new_tokens, cache_dtype=cache_dtype,
@@ -154,7 +159,10 @@ def run_ablate(args) -> int:
 
 
 def _ablate_on_device(args) -> int:
-    from fp4kv_jax.ablate import AblationSettings, ablate, load_corpus, markdown_table, write_outputs
+    from fp4kv_jax import key_rounding
+    from fp4kv_jax.ablate import (
+        AblationSettings, ablate, default_calibration, load_corpus, markdown_table, write_outputs,
+    )
     from fp4kv_jax.recipes import recipe_from_name
     from fp4kv_jax.models import from_pretrained
 
@@ -168,15 +176,21 @@ def _ablate_on_device(args) -> int:
             f"--context: {args.context} exceeds the model's max_position_embeddings "
             f"({model.config.max_position_embeddings})."
         )
+    placeholder_moments = key_rounding.isotropic_moments(model.config)
     for name in args.cache_dtypes:
-        try:
-            recipe_from_name(name).build_cache(model, 1, 1)  # refuses what the model can't hold
+        try:  # refuses what the model can't hold
+            recipe_from_name(name).build_cache(model, 1, 1, query_moments=placeholder_moments)
         except ValueError as error:
             raise ValueError(f"--cache-dtypes: {name}: {error}") from None
+    calibration = None
+    if any(recipe_from_name(name).rounds_keys for name in args.cache_dtypes):
+        calibration = (
+            load_corpus(args.calibration, "--calibration") if args.calibration else default_calibration(args.corpus)
+        )
     results = ablate(
         model, args.model, corpus_name, texts, args.cache_dtypes, context=args.context,
         tokens=args.tokens, prompts=args.prompts,
-        settings=AblationSettings(budget_gib=args.budget_gib),
+        settings=AblationSettings(budget_gib=args.budget_gib), calibration=calibration,
     )
     paths = write_outputs(results, args.out)
     print(markdown_table(results))
@@ -224,12 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--float32", action="store_true", help="float32 parameters (default bf16)")
+    gen.add_argument(
+        "--calibration",
+        help="a UTF-8 text file whose queries a +round_keys cache dtype calibrates on "
+        "(default: the works of Shakespeare)",
+    )
     abl = commands.add_parser(
         "ablate",
         help="per cache dtype: perplexity change, KL, agreement with bf16, layer errors, memory",
     )
     abl.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory or .gguf")
     abl.add_argument("--corpus", help="a UTF-8 text file (default: the works of Shakespeare)")
+    abl.add_argument(
+        "--calibration",
+        help="a UTF-8 text file whose queries +round_keys rows calibrate on (default: a built-in text "
+        "other than the corpus: the Python docs for Shakespeare, else Shakespeare)",
+    )
     abl.add_argument(
         "--cache-dtypes",
         type=_recipe_list,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fp4kv_jax import key_rounding
 from fp4kv_jax.cache import check_kept_dtype, tensor_formats
 from fp4kv_jax.formats import get_codec
 from fp4kv_jax.models.configs import ModelConfig, get_config
@@ -15,6 +16,7 @@ from fp4kv_jax.models.configs import ModelConfig, get_config
 _LENGTH_BYTES = 4  # int32 length per sequence
 _FLAG_BYTES = 2  # the overflowed and nonfinite bools
 _GLOBAL_SCALE_BYTES = 4  # float32, for each K or V tensor whose format has one
+_FACTOR_ELEMENT_BYTES = 4  # float32 query-aware key-rounding factors
 
 
 def _layer_formats(config: ModelConfig, cache_dtype, key_dtype, value_dtype, bf16_layers):
@@ -40,6 +42,7 @@ def kv_cache_bytes_per_token(
     kept_dtype: str = "bf16",
     center_keys: bool = False,
     center_values: bool = False,
+    round_keys: bool = False,
 ) -> int:
     """Bytes that one more token of one sequence costs across all layers.
 
@@ -47,9 +50,10 @@ def kv_cache_bytes_per_token(
     the bits. Sliding layers count too: this is the cache without trimmed windows.
     key_dtype, value_dtype and bf16_layers are `init_cache`'s; keep_first,
     keep_recent, kept_dtype, center_keys and center_values cost a fixed
-    `fixed_bytes_per_sequence`, not a per-token amount.
+    `fixed_bytes_per_sequence`, not a per-token amount; round_keys a fixed amount per
+    cache (`kv_cache_bytes`).
     """
-    del keep_first, keep_recent, kept_dtype, center_keys, center_values
+    del keep_first, keep_recent, kept_dtype, center_keys, center_values, round_keys
     config = get_config(config)
     return sum(
         _tensor_bytes_per_position(config, k) + _tensor_bytes_per_position(config, v)
@@ -91,8 +95,11 @@ def kv_cache_bytes(
     kept_dtype: str = "bf16",
     center_keys: bool = False,
     center_values: bool = False,
+    round_keys: bool = False,
 ) -> int:
-    """The exact bytes of `init_cache(config, batch_size, max_len, cache_dtype, ...)`."""
+    """The exact bytes of `init_cache(config, batch_size, max_len, cache_dtype, ...)`;
+    round_keys: the cache was built with query_moments, so each layer with packed FP4
+    keys holds a float32 [Hkv, D, D] rounding factor, whatever the batch and length."""
     config = get_config(config)
     total = batch_size * _LENGTH_BYTES + _FLAG_BYTES
     total += batch_size * fixed_bytes_per_sequence(
@@ -106,6 +113,8 @@ def kv_cache_bytes(
             total += batch_size * capacity * _tensor_bytes_per_position(config, fmt)
             if get_codec(fmt).has_global_scale:
                 total += _GLOBAL_SCALE_BYTES
+        if round_keys and key_rounding.rounds(formats[0]):
+            total += config.num_kv_heads * config.head_dim**2 * _FACTOR_ELEMENT_BYTES
     return total
 
 
@@ -124,6 +133,7 @@ def max_cache_tokens(
     kept_dtype: str = "bf16",
     center_keys: bool = False,
     center_values: bool = False,
+    round_keys: bool = False,
 ) -> int:
     """The largest max_len whose cache of `batch_size` sequences fits `budget_bytes`.
 
@@ -137,7 +147,7 @@ def max_cache_tokens(
                 config, cache_dtype, batch_size, n, trim_sliding_layers=trim_sliding_layers,
                 key_dtype=key_dtype, value_dtype=value_dtype, bf16_layers=bf16_layers,
                 keep_first=keep_first, keep_recent=keep_recent, kept_dtype=kept_dtype,
-                center_keys=center_keys, center_values=center_values,
+                center_keys=center_keys, center_values=center_values, round_keys=round_keys,
             )
             <= budget_bytes
         )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from fp4kv_jax import cache as kv_cache
 from fp4kv_jax.formats import get_codec
 
@@ -21,7 +23,9 @@ from fp4kv_jax.formats import get_codec
 # "nvfp4+channel_keys+recent=16" scales the keys per channel over blocks of 16
 # positions, staged in the recent window; "nvfp4+center_keys" stores the keys minus
 # each sequence's first-chunk mean key, "+center_values" the values so;
-# "nvfp4+first=8+recent=80+kept_fp8" stores the kept copies (below) in fp8 e4m3.
+# "nvfp4+first=8+recent=80+kept_fp8" stores the kept copies (below) in fp8 e4m3;
+# "nvfp4+round_keys" rounds the keys against calibrated query moments
+# (`fp4kv_jax.key_rounding`), which building its cache then needs.
 RECIPE_OPTIONS = {
     "hadamard": (("rotate_keys", True),),
     "hadamard_v": (("rotate_values", True),),
@@ -32,6 +36,7 @@ RECIPE_OPTIONS = {
     "center_keys": (("center_keys", True),),
     "center_values": (("center_values", True),),
     "kept_fp8": (("kept_dtype", "fp8_e4m3"),),
+    "round_keys": (("round_keys", True),),
 }
 # Suffixes with a count: "nvfp4+bf16_first=2" keeps the first 2 layers in bf16;
 # "nvfp4+first=4+recent=32" keeps the first 4 and the last 32 positions of every layer
@@ -44,7 +49,7 @@ _FORMAT_OPTIONS = {"keys=": "key_dtype", "values=": "value_dtype"}
 # The options that change what the cache stores, and so its memory figures.
 _STORAGE_OPTIONS = (
     "key_dtype", "value_dtype", "bf16_layers", "keep_first", "keep_recent", "kept_dtype", "center_keys",
-    "center_values",
+    "center_values", "round_keys",
 )
 
 
@@ -71,9 +76,29 @@ class CacheRecipe:
             name: value for name, value in self.options if name in _STORAGE_OPTIONS
         })
 
-    def build_cache(self, model, batch_size: int, max_len: int) -> kv_cache.KVCache:
+    @property
+    def rounds_keys(self) -> bool:
+        """Whether the keys are rounded against calibrated query moments ("+round_keys")."""
+        return dict(self.options).get("round_keys", False)
+
+    def cache_options(self, query_moments: np.ndarray | None = None) -> dict:
+        """This recipe's `init_cache` keyword arguments. A recipe that rounds keys needs
+        `query_moments` (`fp4kv_jax.key_rounding.query_moments` on a calibration text)."""
+        options = dict(self.options)
+        if options.pop("round_keys", False):
+            if query_moments is None:
+                raise ValueError(
+                    f"query_moments: recipe {self.name!r} rounds keys against calibrated query moments; "
+                    "pass fp4kv_jax.key_rounding.query_moments(model, token_windows)."
+                )
+            options["query_moments"] = query_moments
+        return options
+
+    def build_cache(
+        self, model, batch_size: int, max_len: int, query_moments: np.ndarray | None = None
+    ) -> kv_cache.KVCache:
         """An empty cache of this recipe for `batch_size` sequences of `max_len` tokens."""
-        return model.init_cache(batch_size, max_len, self.cache_dtype, **dict(self.options))
+        return model.init_cache(batch_size, max_len, self.cache_dtype, **self.cache_options(query_moments))
 
 
 def recipe_from_name(name: str) -> CacheRecipe:

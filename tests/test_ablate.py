@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fp4kv_jax import key_rounding
 from fp4kv_jax.ablate import (
     AblationSettings,
     ablate,
@@ -80,15 +81,17 @@ def _rows(results):
         ("nvfp4+values_only", 12),
         ("fp4_e2m1+first=2+recent=3+hadamard", 12),
         ("nvfp4+channel_keys+recent=16+hadamard", 30),  # key blocks fill at 15, never at 29
+        ("nvfp4_search+hadamard+round_keys", 12),
     ],
 )
 def test_one_pass_window_score_equals_token_by_token_decode_through_the_same_cache(llama, row, length):
     with np.load(FIXTURES / "llama" / "golden.npz") as golden:
         input_ids = golden["input_ids"][:1, :length]
     recipe = recipe_from_name(row)
-    scored = np.asarray(score_window(llama, input_ids, recipe).nll[0])
+    moments = key_rounding.query_moments(llama, input_ids)  # for +round_keys rows
+    scored = np.asarray(score_window(llama, input_ids, recipe, moments).nll[0])
 
-    cache = recipe.build_cache(llama, 1, length)
+    cache = recipe.build_cache(llama, 1, length, query_moments=moments)
     decoded = []
     for t in range(length - 1):
         logits, cache = forward_with_cache(llama, input_ids[:, t : t + 1], cache)
@@ -97,6 +100,21 @@ def test_one_pass_window_score_equals_token_by_token_decode_through_the_same_cac
 
     no_cache = -jax.nn.log_softmax(llama(input_ids)[0, :-1])[np.arange(length - 1), input_ids[0, 1:]]
     assert np.abs(scored - np.asarray(no_cache)).max() > 1e-3  # the cache's FP4 is really read
+
+
+def test_rows_that_round_keys_calibrate_on_the_calibration_text_and_need_one(llama, corpus_file):
+    name, texts = load_corpus(corpus_file)
+    arguments = dict(context=16, tokens=15, prompts=1, settings=SETTINGS, progress=False)
+    with pytest.raises(ValueError, match="calibration: rows with \\+round_keys need a calibration text"):
+        ablate(llama, "llama-fixture", name, texts, ["nvfp4+round_keys"], **arguments)
+    sonnet = ("sonnet", ["Shall I compare thee to a summer's day? " * 4])
+    results = ablate(
+        llama, "llama-fixture", name, texts, ["nvfp4", "nvfp4+round_keys"], calibration=sonnet, **arguments
+    )
+    assert results["config"]["calibration"] == "sonnet"
+    rows = _rows(results)
+    assert rows["nvfp4+round_keys"]["bytes_per_token"] == rows["nvfp4"]["bytes_per_token"]
+    assert rows["nvfp4+round_keys"]["kl"] != rows["nvfp4"]["kl"]
 
 
 def test_a_centered_layer_keeps_its_positions_centered_so_attention_reads_them_as_written(llama):

@@ -66,6 +66,8 @@ def test_generate_refuses_a_model_without_tokenizer(capsys):
     (["--context", "64", "--tokens", "32"], "--tokens: must be at least --context (64)"),
     (["--prompts", "0"], "--prompts: must be at least 1"),
     (["--corpus", "/no/such/corpus.txt"], "--corpus: '/no/such/corpus.txt' is not a file"),
+    (["--cache-dtypes", "bf16+round_keys"], "--cache-dtypes: bf16+round_keys: query_moments: query-aware rounding"),
+    (["--cache-dtypes", "nvfp4+round_keys", "--calibration", "/no/such.txt"], "--calibration: '/no/such.txt' is not"),
 ])
 def test_ablate_refuses_bad_arguments_before_any_work(capsys, arguments, message):
     assert main(["ablate", *arguments]) == 2

@@ -59,14 +59,17 @@ TREATMENTS = (
 )
 
 
-def parse_model_and_windows(description: str):
-    """Parses --corpus, --context, --windows and --out; returns (the arguments,
-    SmolLM2-135M in float32, the corpus's name, the token windows int [W, context])."""
+def parse_model_and_windows(description: str, calibration: bool = False):
+    """Parses --corpus, --context, --windows and --out (and --calibration, a text file,
+    default None: Shakespeare); returns (the arguments, SmolLM2-135M in float32, the
+    corpus's name, the token windows int [W, context])."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--corpus", required=True, help="UTF-8 text file")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--out", required=True)
+    if calibration:
+        parser.add_argument("--calibration", help="UTF-8 text file (default: Shakespeare)")
     args = parser.parse_args()
     model = loading.from_pretrained("smollm2-135m", jnp.float32)
     corpus_name, texts = ablate.load_corpus(args.corpus)

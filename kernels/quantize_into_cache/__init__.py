@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from fp4kv_jax.formats import QuantizedTensor, get_codec
 from fp4kv_jax.kernels import tiles
 from fp4kv_jax.kernels.quantize_into_cache import pallas_triton, reference
-from fp4kv_jax.kernels.quantize_into_cache.reference import token_slots
+from fp4kv_jax.kernels.quantize_into_cache.reference import token_slots, write_rows
 
 IMPLEMENTATIONS = ("reference", "pallas_triton")
 
@@ -131,4 +131,4 @@ def _check(new: jax.Array, stored: QuantizedTensor, start: jax.Array) -> None:
         )
 
 
-__all__ = ["IMPLEMENTATIONS", "quantize_into_cache", "token_slots"]
+__all__ = ["IMPLEMENTATIONS", "quantize_into_cache", "token_slots", "write_rows"]

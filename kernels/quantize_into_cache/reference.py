@@ -47,7 +47,17 @@ def quantize_into_cache(
 ) -> QuantizedTensor:
     """new float [B, T, Hkv, D] into stored [B, Hkv, S, D] at start, num_tokens int32 [B]."""
     q = quantize(new, stored.fmt, global_scale=stored.global_scale)
-    batch, chunk = new.shape[:2]
+    return write_rows(stored, q.data, q.scales, start, num_tokens, ring=ring)
+
+
+def write_rows(
+    stored: QuantizedTensor, data: jax.Array, scales: jax.Array | None, start: jax.Array,
+    num_tokens: jax.Array, *, ring: bool,
+) -> QuantizedTensor:
+    """Writes a chunk already encoded in stored's format and global scale, data [B, T,
+    Hkv, ...] and scales [B, T, Hkv, D/bs] (or None), into stored [B, Hkv, S, D] at
+    start, num_tokens int32 [B], as `quantize_into_cache` places rows."""
+    batch, chunk = data.shape[:2]
     slots = token_slots(start[:, None], num_tokens[:, None], jnp.arange(chunk)[None, :],
                         stored.data.shape[2], ring)
     rows = jnp.arange(batch)[:, None]
@@ -56,5 +66,5 @@ def quantize_into_cache(
         # Advanced indices around a slice put [B, T] first: values are [B, T, Hkv, ...].
         return buffer.at[rows, :, slots].set(values, mode="drop")
 
-    scales = None if stored.scales is None else put(stored.scales, q.scales)
-    return dataclasses.replace(stored, data=put(stored.data, q.data), scales=scales)
+    new_scales = None if stored.scales is None else put(stored.scales, scales)
+    return dataclasses.replace(stored, data=put(stored.data, data), scales=new_scales)
