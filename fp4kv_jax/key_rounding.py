@@ -101,9 +101,9 @@ def round_keys(
     # formats) into the loop below, where CPU compiles then took minutes.
     data, scales = jax.lax.optimization_barrier(codec.encode(x, global_scale))
     one = e2m1.with_sign(e2m1.magnitude_index_nearest_even(jnp.float32(1.0)), jnp.float32(1.0))
-    # Decoding all-ones codes gives each value's divisor: its block scale (times the
-    # global one), whatever the format's scale encoding.
-    divisor = codec.decode(jnp.full_like(data, one * 17), scales, global_scale)
+    # Decoding the code of 1.0 everywhere gives each value's divisor: its block scale
+    # (times the global one), whatever the format's scale encoding.
+    divisor = codec.decode(jnp.full_like(data, one | (one << 4)), scales, global_scale)
     usable = jnp.isfinite(divisor) & (divisor > 0)
     safe = jnp.where(usable, divisor, 1.0)
     head_dim = x.shape[-1]
