@@ -61,6 +61,12 @@ def test_generate_refuses_a_model_without_tokenizer(capsys):
     assert "--model" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_missing_calibration_text_by_name(capsys):
+    arguments = ["--cache-dtype", "nvfp4+round_keys", "--calibration", "/no/such.txt", "--prompt", "hi"]
+    assert main(["generate", *arguments]) == 2
+    assert "--calibration: '/no/such.txt' is not a file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--context", "1"], "--context: a window needs at least 2 tokens"),
     (["--context", "64", "--tokens", "32"], "--tokens: must be at least --context (64)"),
