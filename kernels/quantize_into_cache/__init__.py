@@ -3,6 +3,10 @@
     stored = quantize_into_cache(new, stored, start, num_tokens=None, ring=False,
                                  implementation=None)
 
+`write_rows(stored, data, scales, start, num_tokens, ring=False)` places a chunk
+already encoded in the cache's format the same way (query-aware key rounding encodes
+its own codes).
+
 `new` is token-major [B, T, Hkv, D], as attention computes K and V (and as
 `cache.write_layer` takes them); the cache is head-major [B, Hkv, S, ...]. Token t of
 sequence b goes to position start[b] + t, in the slot given by `token_slots`. The
